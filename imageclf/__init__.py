@@ -1,0 +1,1 @@
+"""Reproducible CNN image classification: the library behind the DVC stages in `stages/`."""

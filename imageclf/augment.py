@@ -1,0 +1,79 @@
+"""Materialize seeded, augmented copies of the training split.
+
+Augmenting once, in its own stage, makes the augmented data a cached and reproducible output:
+training reads copy `epoch % copies` instead of drawing random transforms on the fly, so a
+rerun (or a resumed run) sees exactly the same images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from imageclf.fileio import atomic_path
+
+
+def augment_copy(
+    images: np.ndarray, copy: int, seed: int, translate: int, flip: str, cutout: int
+) -> np.ndarray:
+    """One augmented copy of `images` (uint8, N x H x W x C), drawn from `(seed, copy)` alone."""
+    rng = np.random.default_rng([seed, copy])
+    count = len(images)
+    out = images
+    if translate:
+        out = _translate(out, rng, translate)
+    if flip == "random":
+        mirrored = rng.random(count) < 0.5
+    elif flip == "alternate":
+        # every image is mirrored on every other copy, starting at a random parity per image
+        parity = np.random.default_rng([seed, 2**31]).integers(0, 2, count)
+        mirrored = (parity + copy) % 2 == 1
+    else:
+        mirrored = np.zeros(count, dtype=bool)
+    out = np.where(mirrored[:, None, None, None], out[:, :, ::-1], out)
+    if cutout:
+        out = _cutout(out, rng, cutout)
+    return out
+
+
+def _translate(images: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
+    """Random crop of the reflection-padded images: shifts of up to `pad` pixels each way."""
+    count, height, width, _ = images.shape
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    dy = rng.integers(0, 2 * pad + 1, count)
+    dx = rng.integers(0, 2 * pad + 1, count)
+    out = np.empty_like(images)
+    # one vectorized slice per distinct offset instead of one per image
+    for y in range(2 * pad + 1):
+        for x in range(2 * pad + 1):
+            chosen = (dy == y) & (dx == x)
+            out[chosen] = padded[chosen, y : y + height, x : x + width]
+    return out
+
+
+def _cutout(images: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Zero a `size` x `size` square at a random centre of each image (clipped at the border)."""
+    count, height, width, _ = images.shape
+    top = rng.integers(0, height, count)[:, None, None] - size // 2
+    left = rng.integers(0, width, count)[:, None, None] - size // 2
+    rows = np.arange(height)[None, :, None]
+    cols = np.arange(width)[None, None, :]
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    out = images.copy()
+    out[inside] = 0
+    return out
+
+
+def write_copies(
+    path: Path, images: np.ndarray, copies: int, seed: int, translate: int, flip: str, cutout: int
+) -> None:
+    """Write all copies to one `.npy` array (copies x N x H x W x C), memory-mapped."""
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(copies, *images.shape)
+        )
+        for copy in range(copies):
+            out[copy] = augment_copy(images, copy, seed, translate, flip, cutout)
+        out.flush()
+        del out

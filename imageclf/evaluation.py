@@ -1,0 +1,72 @@
+"""Test-set evaluation: predictions (with optional mirror test-time augmentation), scikit-learn
+metrics, and the data behind the confusion and per-class plots."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+
+def predict(model: keras.Model, images: np.ndarray, batch_size: int, tta: bool) -> np.ndarray:
+    """Class probabilities; with `tta`, the mean over each image and its horizontal mirror."""
+    probabilities = model.predict(images, batch_size=batch_size, verbose=0)
+    if tta:
+        mirrored = model.predict(images[:, :, ::-1], batch_size=batch_size, verbose=0)
+        probabilities = (probabilities + mirrored) / 2
+    return probabilities
+
+
+def summarize(labels: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> dict:
+    """Accuracy and macro precision, recall, F1, plus the same per class, rounded for diffs."""
+    classes = np.arange(len(class_names))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=classes, zero_division=0
+    )
+    macro = precision_recall_fscore_support(
+        labels, predicted, labels=classes, average="macro", zero_division=0
+    )
+    return {
+        "accuracy": round(float(accuracy_score(labels, predicted)), 4),
+        "precision": round(float(macro[0]), 4),
+        "recall": round(float(macro[1]), 4),
+        "f1": round(float(macro[2]), 4),
+        "per_class": {
+            name: {
+                "precision": round(float(p), 4),
+                "recall": round(float(r), 4),
+                "f1": round(float(f), 4),
+                "support": int(s),
+            }
+            for name, p, r, f, s in zip(class_names, precision, recall, f1, support)
+        },
+    }
+
+
+def per_class_table(summary: dict) -> pd.DataFrame:
+    table = pd.DataFrame.from_dict(summary["per_class"], orient="index")
+    table.index.name = "class"
+    return table
+
+
+def confusion_pairs(
+    labels: np.ndarray, predicted: np.ndarray, class_names: list[str]
+) -> pd.DataFrame:
+    """One row per test image, as DVC's confusion template reads it."""
+    names = np.asarray(class_names)
+    return pd.DataFrame({"actual": names[labels], "predicted": names[predicted]})
+
+
+def confusion_counts(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    return confusion_matrix(labels, predicted, labels=np.arange(num_classes))
+
+
+def most_confident_mistakes(
+    labels: np.ndarray, probabilities: np.ndarray, count: int
+) -> np.ndarray:
+    """Indices of the misclassified images with the highest predicted probability, best first."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    confidence = probabilities[wrong, predicted[wrong]]
+    return wrong[np.argsort(-confidence, kind="stable")][:count]

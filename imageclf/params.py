@@ -1,0 +1,143 @@
+"""Load and validate params.yaml: every problem is reported at once, before any work starts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from imageclf.errors import PipelineError
+
+# Names of the architectures `imageclf.models` can build; kept here so that validating
+# params does not need to import TensorFlow.
+ARCHITECTURES = ("fastnet", "baseline")
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+
+
+class Section(BaseModel):
+    # forbid: a misspelled key is an error, not a silently ignored value
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(Section):
+    source: str = Field(min_length=1)
+    checksum: str | None = None
+    image_size: Annotated[int, Field(ge=8, le=1024)] = 32
+
+
+class PreprocessParams(Section):
+    val_fraction: Fraction = 0.05
+    test_fraction: Fraction = 0.2
+    on_bad_image: Literal["fail", "skip"] = "fail"
+
+
+class AugmentParams(Section):
+    copies: Annotated[int, Field(ge=1, le=100)] = 8
+    translate: Annotated[int, Field(ge=0, le=16)] = 2
+    flip: Literal["alternate", "random", "none"] = "alternate"
+    cutout: Annotated[int, Field(ge=0)] = 0
+
+
+class ModelParams(Section):
+    arch: str = "fastnet"
+    widths: list[Annotated[int, Field(ge=1)]] = Field(
+        default=[64, 128, 128], min_length=3, max_length=3
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def known_arch(cls, value: str) -> str:
+        if value not in ARCHITECTURES:
+            raise ValueError(f"must be one of {', '.join(ARCHITECTURES)}")
+        return value
+
+
+class TrainParams(Section):
+    epochs: Annotated[int, Field(ge=1)] = 7
+    batch_size: Annotated[int, Field(ge=1)] = 512
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: PositiveFloat = 0.4
+    momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.9
+    weight_decay: NonNegativeFloat = 5e-4
+    warmup_epochs: NonNegativeFloat = 1.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.2
+    jit_compile: bool = True
+    precision: Literal["auto", "float32", "mixed_float16"] = "auto"
+    distribute: Literal["auto", "none", "mirrored"] = "auto"
+
+
+class FinetuneParams(Section):
+    epochs: Annotated[int, Field(ge=1)] = 1
+    lr: PositiveFloat = 0.02
+
+
+class EvaluateParams(Section):
+    tta: bool = True
+    batch_size: Annotated[int, Field(ge=1)] = 1000
+    misclassified: Annotated[int, Field(ge=0, le=400)] = 36
+
+
+class Params(Section):
+    seed: Annotated[int, Field(ge=0, lt=2**32)]
+    data: DataParams
+    preprocess: PreprocessParams
+    augment: AugmentParams
+    model: ModelParams
+    train: TrainParams
+    finetune: FinetuneParams
+    evaluate: EvaluateParams
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string, because it lacks a dot; users mean 0.001.
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _parse_floats(node: object) -> object:
+    """Turn strings in scientific notation such as "1e-3" into floats, anywhere in `node`."""
+    if isinstance(node, dict):
+        return {key: _parse_floats(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_parse_floats(value) for value in node]
+    if isinstance(node, str) and _SCIENTIFIC.match(node):
+        return float(node)
+    return node
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate the params file.
+
+    Raises:
+        PipelineError: naming the file and, for each problem, its key, value and rule.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found; run from the project's root") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections, found {type(raw).__name__}")
+    try:
+        return Params.model_validate(_parse_floats(raw))
+    except ValidationError as exc:
+        problems = [_describe(error) for error in exc.errors()]
+        raise PipelineError(
+            f"{path}: {len(problems)} invalid value(s):\n" + "\n".join(problems)
+        ) from None
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "missing":
+        return f"  {key}: missing (required)"
+    if error["type"] == "extra_forbidden":
+        return f"  {key}: unknown key (check the spelling; see README for the keys)"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"  {key} = {error.get('input')!r}: {message}"

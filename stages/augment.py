@@ -1,0 +1,48 @@
+"""Stage augment: write `augment.copies` seeded augmented copies of the training split
+(translation, flip, optional cutout) to data/augmented, and a preview grid to plots/."""
+
+from pathlib import Path
+
+import numpy as np
+
+from imageclf.augment import write_copies
+from imageclf.datasets import load_meta, load_split
+from imageclf.errors import run_stage
+from imageclf.params import load_params
+from imageclf.plots import image_grid
+
+PREVIEW_IMAGES = 6
+
+
+def main() -> None:
+    params = load_params()
+    aug = params.augment
+    train = load_split(Path("data/prepared"), "train")
+    class_names = load_meta(Path("data/prepared"))["class_names"]
+    out = Path("data/augmented/train.npy")
+    write_copies(out, train.images, aug.copies, params.seed, aug.translate, aug.flip, aug.cutout)
+
+    # preview: each row one training image, original first, then its first augmented copies
+    copies = np.load(out, mmap_mode="r")
+    shown = min(aug.copies, 7)
+    picks = np.random.default_rng(params.seed).choice(
+        len(train.labels), PREVIEW_IMAGES, replace=False
+    )
+    images, captions = [], []
+    for index in picks:
+        name = class_names[train.labels[index]]
+        images.append(train.images[index])
+        captions.append(f"{name}: original")
+        images.extend(copies[copy, index] for copy in range(shown))
+        captions.extend(f"copy {copy}" for copy in range(shown))
+    image_grid(
+        np.stack(images),
+        captions,
+        Path("plots/augment_samples.png"),
+        "Augmented training images (seeded; one copy per epoch)",
+        columns=shown + 1,
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

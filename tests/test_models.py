@@ -1,0 +1,75 @@
+"""Models take raw uint8 images of any size, carry their class names, and train under a
+tf.distribute strategy."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imageclf.models import build_model, class_names, load_model
+from imageclf.params import ARCHITECTURES, ModelParams
+
+META = {"image_size": 16, "mean": [120.0] * 3, "std": [50.0] * 3, "class_names": ["a", "b", "c"]}
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_saved_model_needs_nothing_but_its_file(arch: str, tmp_path: Path) -> None:
+    model = build_model(ModelParams(arch=arch, widths=[4, 8, 8]), META)
+    model.save(tmp_path / "model.keras")
+    loaded = load_model(tmp_path / "model.keras")
+    assert class_names(loaded) == ["a", "b", "c"]
+    for size in (16, 40):  # other sizes are resized inside the model
+        images = np.random.default_rng(0).integers(0, 256, (5, size, size, 3), dtype=np.uint8)
+        probabilities = loaded.predict(images, verbose=0)
+        assert probabilities.shape == (5, 3)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+        np.testing.assert_allclose(probabilities, model.predict(images, verbose=0), rtol=1e-5)
+
+
+def test_normalization_uses_the_training_statistics() -> None:
+    model = build_model(ModelParams(arch="fastnet", widths=[4, 4, 4]), META)
+    normalize = model.get_layer("normalize")
+    images = np.full((1, 16, 16, 3), 170, dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(normalize(images)), 1.0, rtol=1e-5)
+
+
+MIRRORED = """
+import numpy as np, tensorflow as tf
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+from pathlib import Path
+from imageclf.datasets import Split
+from imageclf.models import build_model
+from imageclf.params import ModelParams, TrainParams
+from imageclf.training import compile_model, configure_runtime, fit
+params = TrainParams(epochs=4, batch_size=16, distribute="mirrored", jit_compile=False)
+strategy = configure_runtime(params, seed=0)
+assert strategy.num_replicas_in_sync == 2, strategy
+rng = np.random.default_rng(0)
+labels = np.arange(96) % 3
+images = rng.integers(0, 60, (96, 16, 16, 3), dtype=np.uint8)
+images[np.arange(96), :, :, labels] += 190
+meta = {"image_size": 16, "mean": [100.0] * 3, "std": [80.0] * 3, "class_names": ["a", "b", "c"]}
+with strategy.scope():
+    model = build_model(ModelParams(widths=[8, 8, 8]), meta)
+    compile_model(model, params, 0.1, total_steps=24, warmup_steps=0)
+logs, _ = fit(model, images[None], Split(images, labels), Split(images, labels), params=params,
+              epochs=4, seed=0, backup_dir=Path("backup"), live_dir=Path("live"))
+print("val_accuracy", logs["val_accuracy"])
+"""
+
+
+def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = float(result.stdout.split("val_accuracy")[-1])
+    assert accuracy > 0.5  # three colour classes: chance is 0.33
+    assert (tmp_path / "live" / "plots" / "metrics" / "eval" / "accuracy.tsv").exists()
+    assert not (tmp_path / "backup").exists()  # removed once training completed

@@ -1,0 +1,68 @@
+"""params.yaml validation: every problem at once, with key, value and rule."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imageclf.errors import PipelineError
+from imageclf.params import load_params
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, params: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def committed() -> dict:
+    return yaml.safe_load((PROJECT / "params.yaml").read_text())
+
+
+def test_committed_params_are_valid() -> None:
+    params = load_params(PROJECT / "params.yaml")
+    assert params.data.source.startswith("https://www.cs.toronto.edu/")
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    params = committed()
+    params["train"]["epochs"] = 0
+    params["train"]["lr"] = -1
+    params["train"]["weight_decay"] = float("nan")
+    params["preprocess"]["val_fraction"] = 1.0
+    params["model"]["arch"] = "resnet9000"
+    params["augment"]["flipp"] = "random"
+    params["train"]["batch_size"] = "big"
+    del params["evaluate"]
+    with pytest.raises(PipelineError) as error:
+        load_params(write(tmp_path, params))
+    message = str(error.value)
+    for expected in (
+        "train.epochs = 0",
+        "train.lr = -1",
+        "train.weight_decay = nan",
+        "preprocess.val_fraction = 1.0",
+        "model.arch = 'resnet9000': must be one of fastnet, baseline",
+        "augment.flipp: unknown key",
+        "train.batch_size = 'big'",
+        "evaluate: missing",
+    ):
+        assert expected in message
+    assert message.startswith(str(tmp_path / "params.yaml"))
+
+
+def test_scientific_notation_means_the_same_number(tmp_path: Path) -> None:
+    text = (PROJECT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("weight_decay: 5.0e-4", "weight_decay: 5e-4"))
+    assert "5e-4" in path.read_text()
+    assert load_params(path).train.weight_decay == 0.0005
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 1\ntrain: {epochs: 3\n")
+    with pytest.raises(PipelineError, match="params.yaml: not valid YAML"):
+        load_params(path)
