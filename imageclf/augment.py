@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imageclf.errors import PipelineError
 from imageclf.fileio import atomic_path
 
 
@@ -66,14 +67,29 @@ def _cutout(images: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarr
 
 
 def write_copies(
-    path: Path, images: np.ndarray, copies: int, seed: int, translate: int, flip: str, cutout: int
-) -> None:
-    """Write all copies to one `.npy` array (copies x N x H x W x C), memory-mapped."""
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.uint8, shape=(copies, *images.shape)
-        )
-        for copy in range(copies):
-            out[copy] = augment_copy(images, copy, seed, translate, flip, cutout)
-        out.flush()
-        del out
+    folder: Path,
+    images: np.ndarray,
+    copies: int,
+    seed: int,
+    translate: int,
+    flip: str,
+    cutout: int,
+) -> list[Path]:
+    """Write each copy to its own `.npy` file in `folder`, so that training holds one copy in
+    memory at a time; returns the paths in copy order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"train_{copy:03d}.npy" for copy in range(copies)]
+    for copy, path in enumerate(paths):
+        with atomic_path(path) as tmp:
+            np.save(tmp, augment_copy(images, copy, seed, translate, flip, cutout))
+    for stale in set(copy_paths(folder)) - set(paths):  # from an earlier run with more copies
+        stale.unlink()
+    return paths
+
+
+def copy_paths(folder: Path) -> list[Path]:
+    """The augmented copies written by `write_copies`, in copy order."""
+    paths = sorted(folder.glob("train_*.npy"))
+    if not paths:
+        raise PipelineError(f"{folder}: no augmented copies; run `dvc repro augment`")
+    return paths

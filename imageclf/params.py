@@ -21,34 +21,33 @@ Fraction = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
 
 
 class Section(BaseModel):
+    # No defaults anywhere: params.yaml is the one place values live.
     # forbid: a misspelled key is an error, not a silently ignored value
     model_config = ConfigDict(extra="forbid")
 
 
 class DataParams(Section):
     source: str = Field(min_length=1)
-    checksum: str | None = None
-    image_size: Annotated[int, Field(ge=8, le=1024)] = 32
+    checksum: str | None
+    image_size: Annotated[int, Field(ge=8, le=1024)]
 
 
 class PreprocessParams(Section):
-    val_fraction: Fraction = 0.05
-    test_fraction: Fraction = 0.2
-    on_bad_image: Literal["fail", "skip"] = "fail"
+    val_fraction: Fraction
+    test_fraction: Fraction
+    on_bad_image: Literal["fail", "skip"]
 
 
 class AugmentParams(Section):
-    copies: Annotated[int, Field(ge=1, le=100)] = 8
-    translate: Annotated[int, Field(ge=0, le=16)] = 2
-    flip: Literal["alternate", "random", "none"] = "alternate"
-    cutout: Annotated[int, Field(ge=0)] = 0
+    copies: Annotated[int, Field(ge=1, le=100)]
+    translate: Annotated[int, Field(ge=0, le=16)]
+    flip: Literal["alternate", "random", "none"]
+    cutout: Annotated[int, Field(ge=0)]
 
 
 class ModelParams(Section):
-    arch: str = "fastnet"
-    widths: list[Annotated[int, Field(ge=1)]] = Field(
-        default=[64, 128, 128], min_length=3, max_length=3
-    )
+    arch: str
+    widths: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=3)]
 
     @field_validator("arch")
     @classmethod
@@ -59,28 +58,28 @@ class ModelParams(Section):
 
 
 class TrainParams(Section):
-    epochs: Annotated[int, Field(ge=1)] = 7
-    batch_size: Annotated[int, Field(ge=1)] = 512
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: PositiveFloat = 0.4
-    momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.9
-    weight_decay: NonNegativeFloat = 5e-4
-    warmup_epochs: NonNegativeFloat = 1.0
-    label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.2
-    jit_compile: bool = True
-    precision: Literal["auto", "float32", "mixed_float16"] = "auto"
-    distribute: Literal["auto", "none", "mirrored"] = "auto"
+    epochs: Annotated[int, Field(ge=1)]
+    batch_size: Annotated[int, Field(ge=1)]
+    optimizer: Literal["sgd", "adamw"]
+    lr: PositiveFloat
+    momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+    weight_decay: NonNegativeFloat
+    warmup_epochs: NonNegativeFloat
+    label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+    jit_compile: bool
+    precision: Literal["auto", "float32", "mixed_float16"]
+    distribute: Literal["auto", "none", "mirrored"]
 
 
 class FinetuneParams(Section):
-    epochs: Annotated[int, Field(ge=1)] = 1
-    lr: PositiveFloat = 0.02
+    epochs: Annotated[int, Field(ge=1)]
+    lr: PositiveFloat
 
 
 class EvaluateParams(Section):
-    tta: bool = True
-    batch_size: Annotated[int, Field(ge=1)] = 1000
-    misclassified: Annotated[int, Field(ge=0, le=400)] = 36
+    tta: bool
+    batch_size: Annotated[int, Field(ge=1)]
+    misclassified: Annotated[int, Field(ge=0, le=400)]
 
 
 class Params(Section):

@@ -7,7 +7,7 @@ import json
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import keras
@@ -73,7 +73,7 @@ def steps_per_epoch(count: int, batch_size: int) -> int:
 
 
 def epoch_stream(
-    copies: np.ndarray,
+    copies: Sequence[Path],
     labels: np.ndarray,
     num_classes: int,
     batch_size: int,
@@ -81,17 +81,17 @@ def epoch_stream(
     epochs: range,
     copy_offset: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Batches for `epochs`: epoch e reads augmented copy (offset + e) % copies in an order
-    drawn from (seed, offset + e) alone, so a resumed run sees the same batches."""
+    """Batches for `epochs`: epoch e reads augmented copy (offset + e) % len(copies), in an
+    order drawn from (seed, offset + e) alone, so a resumed run sees the same batches."""
     count = len(labels)
     steps = steps_per_epoch(count, batch_size)
     one_hot = np.eye(num_classes, dtype=np.float32)
     for epoch in epochs:
-        images = copies[(copy_offset + epoch) % len(copies)]
+        # one copy in memory at a time
+        images = np.load(copies[(copy_offset + epoch) % len(copies)])
         order = np.random.default_rng([seed, copy_offset + epoch]).permutation(count)
         for step in range(steps):
-            # sorted indices read the memory-mapped copy front to back
-            batch = np.sort(order[step * batch_size : (step + 1) * batch_size])
+            batch = order[step * batch_size : (step + 1) * batch_size]
             yield images[batch], one_hot[labels[batch]]
 
 
@@ -117,7 +117,7 @@ def backup_epoch(backup_dir: Path, model: keras.Model) -> int:
 
 def fit(
     model: keras.Model,
-    copies: np.ndarray,
+    copies: Sequence[Path],
     train: Split,
     val: Split,
     *,

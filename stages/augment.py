@@ -19,12 +19,19 @@ def main() -> None:
     aug = params.augment
     train = load_split(Path("data/prepared"), "train")
     class_names = load_meta(Path("data/prepared"))["class_names"]
-    out = Path("data/augmented/train.npy")
-    write_copies(out, train.images, aug.copies, params.seed, aug.translate, aug.flip, aug.cutout)
+    paths = write_copies(
+        Path("data/augmented"),
+        train.images,
+        aug.copies,
+        params.seed,
+        aug.translate,
+        aug.flip,
+        aug.cutout,
+    )
 
     # preview: each row one training image, original first, then its first augmented copies
-    copies = np.load(out, mmap_mode="r")
     shown = min(aug.copies, 7)
+    copies = [np.load(path, mmap_mode="r") for path in paths[:shown]]
     picks = np.random.default_rng(params.seed).choice(
         len(train.labels), PREVIEW_IMAGES, replace=False
     )
@@ -33,7 +40,7 @@ def main() -> None:
         name = class_names[train.labels[index]]
         images.append(train.images[index])
         captions.append(f"{name}: original")
-        images.extend(copies[copy, index] for copy in range(shown))
+        images.extend(copy[index] for copy in copies)
         captions.extend(f"copy {copy}" for copy in range(shown))
     image_grid(
         np.stack(images),

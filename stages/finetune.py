@@ -4,8 +4,7 @@ curves (plots/finetune/, numbered after the train stage's epochs)."""
 
 from pathlib import Path
 
-import numpy as np
-
+from imageclf.augment import copy_paths
 from imageclf.datasets import load_split
 from imageclf.errors import run_stage
 from imageclf.fileio import atomic_path, write_json
@@ -19,7 +18,7 @@ def main() -> None:
     strategy = configure_runtime(params.train, params.seed)
     prepared = Path("data/prepared")
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
-    copies = np.load("data/augmented/train.npy", mmap_mode="r")
+    copies = copy_paths(Path("data/augmented"))
 
     steps = steps_per_epoch(len(train.labels), params.train.batch_size)
     with strategy.scope():

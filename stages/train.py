@@ -4,8 +4,7 @@ per-epoch curves (DVCLive, plots/train/)."""
 
 from pathlib import Path
 
-import numpy as np
-
+from imageclf.augment import copy_paths
 from imageclf.datasets import load_meta, load_split
 from imageclf.errors import run_stage
 from imageclf.fileio import atomic_path, write_json
@@ -20,7 +19,7 @@ def main() -> None:
     prepared = Path("data/prepared")
     meta = load_meta(prepared)
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
-    copies = np.load("data/augmented/train.npy", mmap_mode="r")
+    copies = copy_paths(Path("data/augmented"))
 
     steps = steps_per_epoch(len(train.labels), params.train.batch_size)
     with strategy.scope():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imageclf.augment import augment_copy, write_copies
+from imageclf.augment import augment_copy, copy_paths, write_copies
 
 
 def images(count: int = 64, size: int = 12) -> np.ndarray:
@@ -57,11 +57,12 @@ def test_cutout_zeroes_one_square_at_most() -> None:
     assert rows.max() - rows.min() < 6 and cols.max() - cols.min() < 6
 
 
-def test_write_copies_stores_all_copies_in_one_array(tmp_path: Path) -> None:
+def test_write_copies_stores_one_file_per_copy(tmp_path: Path) -> None:
     originals = images(10)
-    path = tmp_path / "augmented" / "train.npy"
-    write_copies(path, originals, copies=3, seed=1, translate=1, flip="alternate", cutout=0)
-    stored = np.load(path)
-    assert stored.shape == (3, *originals.shape)
-    assert np.array_equal(stored[2], augment_copy(originals, 2, 1, 1, "alternate", 0))
-    assert list(tmp_path.joinpath("augmented").iterdir()) == [path]
+    folder = tmp_path / "augmented"
+    paths = write_copies(
+        folder, originals, copies=3, seed=1, translate=1, flip="alternate", cutout=0
+    )
+    assert copy_paths(folder) == paths and len(paths) == 3
+    assert np.array_equal(np.load(paths[2]), augment_copy(originals, 2, 1, 1, "alternate", 0))
+    assert sorted(p.name for p in folder.iterdir()) == [p.name for p in paths]

@@ -44,9 +44,10 @@ tf.config.set_logical_device_configuration(
 from pathlib import Path
 from imageclf.datasets import Split
 from imageclf.models import build_model
-from imageclf.params import ModelParams, TrainParams
+from imageclf.params import ModelParams, load_params
 from imageclf.training import compile_model, configure_runtime, fit
-params = TrainParams(epochs=4, batch_size=16, distribute="mirrored", jit_compile=False)
+params = load_params(PARAMS).train.model_copy(
+    update=dict(epochs=4, batch_size=16, distribute="mirrored", jit_compile=False))
 strategy = configure_runtime(params, seed=0)
 assert strategy.num_replicas_in_sync == 2, strategy
 rng = np.random.default_rng(0)
@@ -55,10 +56,12 @@ images = rng.integers(0, 60, (96, 16, 16, 3), dtype=np.uint8)
 images[np.arange(96), :, :, labels] += 190
 meta = {"image_size": 16, "mean": [100.0] * 3, "std": [80.0] * 3, "class_names": ["a", "b", "c"]}
 with strategy.scope():
-    model = build_model(ModelParams(widths=[8, 8, 8]), meta)
-    compile_model(model, params, 0.1, total_steps=24, warmup_steps=0)
-logs, _ = fit(model, images[None], Split(images, labels), Split(images, labels), params=params,
-              epochs=4, seed=0, backup_dir=Path("backup"), live_dir=Path("live"))
+    model = build_model(ModelParams(arch="fastnet", widths=[8, 8, 8]), meta)
+    compile_model(model, params, 0.05, total_steps=24, warmup_steps=0)
+np.save("copy.npy", images)
+data = Split(images, labels)
+logs, _ = fit(model, [Path("copy.npy")], data, data, params=params, epochs=4, seed=0,
+              backup_dir=Path("backup"), live_dir=Path("live"))
 print("val_accuracy", logs["val_accuracy"])
 """
 
@@ -66,7 +69,11 @@ print("val_accuracy", logs["val_accuracy"])
 def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(PROJECT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
-        [sys.executable, "-c", MIRRORED], cwd=tmp_path, env=env, capture_output=True, text=True
+        [sys.executable, "-c", MIRRORED.replace("PARAMS", repr(str(PROJECT / "params.yaml")))],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     accuracy = float(result.stdout.split("val_accuracy")[-1])

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests import synthetic
@@ -137,8 +136,3 @@ def test_cifar_batches_dataset_over_http(tmp_path: Path, http_server) -> None:
     assert list(metrics["per_class"]) == list(synthetic.CLASSES)  # names from batches.meta
     meta = json.loads((repo / "data" / "prepared" / "meta.json").read_text())
     assert meta["counts"]["test"] == {name: 8 for name in synthetic.CLASSES}
-
-
-@pytest.fixture
-def http_server():
-    pytest.skip("conftest fixture pending")

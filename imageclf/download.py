@@ -1,0 +1,197 @@
+"""Fetch the dataset named by `data.source` into `data/raw`: download (with retries, a progress
+bar and a checksum check) or copy it, extract archives safely, and swap the result in whole.
+
+A failure at any step leaves the previous `data/raw`, if any, exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from tqdm import tqdm
+
+from imageclf.errors import PipelineError
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+RETRY_DELAY = 1.0  # seconds before the first retry; doubled for each further one
+CHUNK = 1 << 20
+HOW_TO_USE_A_LOCAL_COPY = (
+    "Download a copy by other means and set data.source to its path or file:// URL "
+    "(edit params.yaml, or `dvc exp run -S data.source=/path/to/archive`)."
+)
+
+
+def fetch_dataset(
+    source: str, out_dir: Path, checksum: str | None = None, retries: int = 3
+) -> None:
+    """Put the dataset at `source` (URL or path; archive or folder) into `out_dir`.
+
+    Raises:
+        PipelineError: naming the source and what to do, when it cannot be fetched, does not
+            match `checksum`, or is not a safe, readable archive.
+    """
+    algorithm, expected = _parse_checksum(checksum)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as work:
+        staging = Path(work) / "dataset"
+        url = urlparse(source)
+        if url.scheme in ("http", "https"):
+            archive = Path(work) / _archive_name(Path(unquote(url.path)).name, source)
+            _download(source, archive, retries)
+        else:
+            local = Path(unquote(url.path) if url.scheme == "file" else source).expanduser()
+            if not local.exists():
+                raise PipelineError(
+                    f"data.source: {local} does not exist. {HOW_TO_USE_A_LOCAL_COPY}"
+                )
+            if local.is_dir():
+                if expected:
+                    raise PipelineError(
+                        f"data.checksum: {local} is a folder; checksums apply to archives. "
+                        "Set data.checksum to null."
+                    )
+                shutil.copytree(local, staging, symlinks=False)
+                _swap_in(staging, out_dir)
+                return
+            archive = local
+            _archive_name(local.name, source)
+        if expected:
+            actual = _hash_file(archive, algorithm)
+            if actual != expected:
+                raise PipelineError(
+                    f"{source}: checksum mismatch: expected {algorithm}:{expected}, got "
+                    f"{algorithm}:{actual}. The file is corrupt or not the one meant; download it "
+                    "again, or set data.checksum to the new value if the change is intended."
+                )
+        _extract(archive, staging, source)
+        _swap_in(staging, out_dir)
+
+
+def _parse_checksum(checksum: str | None) -> tuple[str, str | None]:
+    if not checksum:
+        return "sha256", None
+    algorithm, _, digest = checksum.partition(":")
+    digest = digest.strip().lower()
+    valid_length = {"md5": 32, "sha256": 64}.get(algorithm.lower())
+    if valid_length is None or len(digest) != valid_length or not _is_hex(digest):
+        raise PipelineError(
+            f"data.checksum = {checksum!r}: expected 'md5:<32 hex digits>', "
+            "'sha256:<64 hex digits>' or null"
+        )
+    return algorithm.lower(), digest
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+def _archive_name(name: str, source: str) -> str:
+    if not name.lower().endswith(ARCHIVE_SUFFIXES):
+        raise PipelineError(
+            f"data.source: {source} is neither a folder nor an archive of a supported format "
+            f"({', '.join(ARCHIVE_SUFFIXES)})"
+        )
+    return name
+
+
+def _hash_file(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with path.open("rb") as file:
+        while chunk := file.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(url: str, target: Path, retries: int) -> None:
+    """Download `url` to `target`, retrying transient failures with exponential backoff."""
+    for attempt in range(retries + 1):
+        try:
+            _download_once(url, target)
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500 or attempt == retries:
+                raise PipelineError(
+                    f"{url}: download failed: HTTP {exc.code} {exc.reason}. "
+                    f"{HOW_TO_USE_A_LOCAL_COPY}"
+                ) from None
+            reason = f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError, _Truncated) as exc:
+            reason = str(getattr(exc, "reason", exc))
+            if attempt == retries:
+                raise PipelineError(
+                    f"{url}: download failed after {retries + 1} attempt(s): {reason}. "
+                    f"{HOW_TO_USE_A_LOCAL_COPY}"
+                ) from None
+        delay = RETRY_DELAY * 2**attempt
+        print(f"download of {url} failed ({reason}); retrying in {delay:g} s")
+        time.sleep(delay)
+
+
+class _Truncated(Exception):
+    """The server closed the connection before sending the whole file."""
+
+
+def _download_once(url: str, target: Path) -> None:
+    with urllib.request.urlopen(url, timeout=60) as response, target.open("wb") as file:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        received = 0
+        with tqdm(total=total, unit="B", unit_scale=True, desc=Path(target).name) as bar:
+            while chunk := response.read(CHUNK):
+                file.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+        if total is not None and received < total:
+            raise _Truncated(f"connection closed after {received} of {total} bytes")
+
+
+def _extract(archive: Path, target: Path, source: str) -> None:
+    """Extract `archive` into `target`, refusing members that would land outside it."""
+    target.mkdir()
+    try:
+        if archive.name.lower().endswith(".zip"):
+            with zipfile.ZipFile(archive) as zipped:
+                for member in zipped.infolist():
+                    # a symlink entry keeps its mode in the high bits of external_attr
+                    is_link = (member.external_attr >> 16) & 0o170000 == 0o120000
+                    _check_member(member.filename, target, archive, is_link)
+                zipped.extractall(target)
+        else:
+            with tarfile.open(archive) as tar:
+                for member in tar.getmembers():
+                    is_link = member.issym() or member.islnk()
+                    _check_member(member.name, target, archive, is_link)
+                # the "data" filter refuses special files and unsafe permissions as well
+                tar.extractall(target, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise PipelineError(
+            f"{source}: the archive is corrupt or truncated ({exc.__class__.__name__}: {exc}). "
+            "Download it again."
+        ) from None
+
+
+def _check_member(name: str, target: Path, archive: Path, is_link: bool) -> None:
+    resolved = (target / name).resolve()
+    if is_link or Path(name).is_absolute() or not resolved.is_relative_to(target.resolve()):
+        kind = "a link" if is_link else "a path outside the target folder"
+        raise PipelineError(
+            f"{archive.name}: refusing member {name!r}: {kind}. The archive is unsafe; "
+            "use a trusted copy of the dataset."
+        )
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Replace `out_dir` with the complete `staging` folder (same file system, two renames)."""
+    old = staging.with_name("previous")
+    if out_dir.exists():
+        out_dir.rename(old)
+    staging.rename(out_dir)

@@ -1,0 +1,211 @@
+"""Fetching data.source: HTTP (real server on 127.0.0.1), file:// and local paths, checksums,
+faults, and archives that try to write outside their folder."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import zipfile
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+
+from imageclf import download
+from imageclf.download import fetch_dataset
+from imageclf.errors import PipelineError
+
+
+@pytest.fixture(autouse=True)
+def no_long_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(download, "RETRY_DELAY", 0.01)
+
+
+def dataset_folder(root: Path) -> Path:
+    for name in ("cats", "dogs"):
+        (root / "train" / name).mkdir(parents=True)
+        (root / "train" / name / "1.txt").write_text(name)
+    return root
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def tree(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+GOOD = {"ds/train/cats/1.txt": b"cats", "ds/train/dogs/1.txt": b"dogs"}
+
+
+@pytest.fixture
+def served(tmp_path: Path, http_server) -> tuple[Path, str]:
+    folder = tmp_path / "served"
+    folder.mkdir()
+    (folder / "ds.tar.gz").write_bytes(tar_bytes(GOOD))
+    with zipfile.ZipFile(folder / "ds.zip", "w") as zipped:
+        for name, content in GOOD.items():
+            zipped.writestr(name, content)
+    return folder, http_server(folder)
+
+
+@pytest.mark.parametrize("name", ["ds.tar.gz", "ds.zip"])
+def test_http_archives_are_extracted(tmp_path: Path, served, name: str) -> None:
+    folder, url = served
+    fetch_dataset(f"{url}/{name}", tmp_path / "raw")
+    assert tree(tmp_path / "raw") == {k: v.decode() for k, v in GOOD.items()}
+
+
+def test_file_url_local_path_and_folder(tmp_path: Path, served, monkeypatch) -> None:
+    folder, _ = served
+    fetch_dataset(f"file://{folder / 'ds.tar.gz'}", tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    fetch_dataset("served/ds.zip", tmp_path / "b")
+    fetch_dataset(str(dataset_folder(tmp_path / "mine")), tmp_path / "c")
+    assert tree(tmp_path / "a") == tree(tmp_path / "b")
+    assert tree(tmp_path / "c") == {"train/cats/1.txt": "cats", "train/dogs/1.txt": "dogs"}
+
+
+@pytest.mark.parametrize("algorithm", ["md5", "sha256"])
+def test_checksum_is_verified(tmp_path: Path, served, algorithm: str) -> None:
+    folder, url = served
+    right = hashlib.new(algorithm, (folder / "ds.tar.gz").read_bytes()).hexdigest()
+    fetch_dataset(f"{url}/ds.tar.gz", tmp_path / "raw", f"{algorithm}:{right}")
+    assert (tmp_path / "raw" / "ds").is_dir()
+
+
+def test_checksum_mismatch_names_both_and_keeps_the_previous_data(tmp_path: Path, served) -> None:
+    folder, url = served
+    actual = hashlib.sha256((folder / "ds.tar.gz").read_bytes()).hexdigest()
+    raw = dataset_folder(tmp_path / "raw")
+    before = tree(raw)
+    wrong = "0" * 64
+    with pytest.raises(PipelineError) as error:
+        fetch_dataset(f"{url}/ds.tar.gz", raw, f"sha256:{wrong}")
+    message = str(error.value)
+    assert f"{url}/ds.tar.gz" in message and wrong in message
+    assert f"sha256:{actual}" in message
+    assert tree(raw) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "served"]
+
+
+class DropsHalfway(BaseHTTPRequestHandler):
+    """Promises 1000 bytes, sends 100, hangs up: a connection cut off mid-download."""
+
+    requests = 0
+
+    def do_GET(self) -> None:
+        type(self).requests += 1
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"x" * 100)
+        self.wfile.flush()
+        self.connection.close()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_cut_off_download_fails_cleanly_after_retries(tmp_path: Path, http_server) -> None:
+    url = http_server(handler=DropsHalfway) + "/cifar.tar.gz"
+    with pytest.raises(PipelineError) as error:
+        fetch_dataset(url, tmp_path / "raw", retries=2)
+    assert url in str(error.value) and "data.source" in str(error.value)
+    assert DropsHalfway.requests == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_transient_failure_is_retried(tmp_path: Path, http_server) -> None:
+    archive = tar_bytes(GOOD)
+
+    class FailsOnce(BaseHTTPRequestHandler):
+        calls = 0
+
+        def do_GET(self) -> None:
+            type(self).calls += 1
+            if self.calls == 1:
+                self.send_error(503)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(archive)))
+            self.end_headers()
+            self.wfile.write(archive)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    fetch_dataset(http_server(handler=FailsOnce) + "/ds.tar.gz", tmp_path / "raw", retries=2)
+    assert FailsOnce.calls == 2
+    assert (tmp_path / "raw" / "ds" / "train" / "cats" / "1.txt").read_text() == "cats"
+
+
+def test_unreachable_source_says_how_to_use_a_local_copy(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:9/cifar-10-python.tar.gz"  # port 9 (discard): nothing listens
+    with pytest.raises(PipelineError) as error:
+        fetch_dataset(url, tmp_path / "raw", retries=1)
+    assert url in str(error.value)
+    assert "set data.source to its path" in str(error.value)
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("name", ["bad.tar.gz", "bad.zip"])
+def test_corrupt_or_truncated_archive(tmp_path: Path, name: str) -> None:
+    content = tar_bytes(GOOD)[:60] if name.endswith("gz") else b"PK\x03\x04 garbage"
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(PipelineError, match="corrupt or truncated"):
+        fetch_dataset(str(tmp_path / name), tmp_path / "raw")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def link_tar(kind: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("ds/escape")
+        info.type = kind
+        info.linkname = "../../outside.txt"
+        tar.addfile(info)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "archive",
+    [
+        tar_bytes({"../evil.txt": b"x"}),
+        tar_bytes({"/tmp/evil-absolute.txt": b"x"}),
+        link_tar(tarfile.SYMTYPE),
+        link_tar(tarfile.LNKTYPE),
+    ],
+    ids=["dotdot", "absolute", "symlink", "hardlink"],
+)
+def test_members_outside_the_target_are_refused(tmp_path: Path, archive: bytes) -> None:
+    (tmp_path / "evil.tar.gz").write_bytes(archive)
+    (tmp_path / "work").mkdir()
+    with pytest.raises(PipelineError, match="refusing member"):
+        fetch_dataset(str(tmp_path / "evil.tar.gz"), tmp_path / "work" / "raw")
+    assert list((tmp_path / "work").iterdir()) == []
+    assert not Path("/tmp/evil-absolute.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar.gz", "work"]
+
+
+def test_zip_member_outside_the_target_is_refused(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "evil.zip", "w") as zipped:
+        zipped.writestr("../evil.txt", "x")
+    with pytest.raises(PipelineError, match="refusing member"):
+        fetch_dataset(str(tmp_path / "evil.zip"), tmp_path / "work" / "raw")
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "work" / "raw").exists()
+
+
+def test_malformed_checksum_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="data.checksum = 'sha1:abc'"):
+        fetch_dataset(str(dataset_folder(tmp_path / "x")), tmp_path / "raw", "sha1:abc")
