@@ -20,14 +20,17 @@ PROJECT = Path(__file__).resolve().parents[1]
 STAGES = ("download", "preprocess", "augment", "train", "finetune", "evaluate")
 
 
-def run(repo: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {
+def venv_env() -> dict[str, str]:
+    return {
         **os.environ,
         # the venv running the tests provides python, dvc and the libraries
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
-    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+
+
+def run(repo: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=repo, env=venv_env(), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"

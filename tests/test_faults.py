@@ -1,0 +1,118 @@
+"""Runs that go wrong: a training killed mid-way resumes, a failing stage keeps what came
+before it, and reruns are reproducible. Real `dvc repro` in a temporary repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from tests import synthetic
+from tests.test_pipeline import STAGES, make_repo, ran_stages, run, venv_env
+
+
+def set_params(repo: Path, **changes: object) -> None:
+    """`set_params(repo, **{"train.epochs": 3})`: edit params.yaml like `dvc exp run -S`."""
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for key, value in changes.items():
+        section, _, name = key.partition(".")
+        if name:
+            params[section][name] = value
+        else:
+            params[section] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def local_repo(tmp_path: Path) -> Path:
+    dataset = synthetic.image_folders(tmp_path / "shapes", per_class=30, test_per_class=8)
+    return make_repo(tmp_path, str(dataset), None)
+
+
+def test_training_killed_mid_way_resumes_from_the_last_epoch(tmp_path: Path) -> None:
+    repo = local_repo(tmp_path)
+    set_params(repo, **{"train.epochs": 30})
+    run(repo, "dvc", "repro", "augment")
+    metadata = repo / "checkpoints" / "train" / "training_metadata.json"
+    process = subprocess.Popen(
+        ["dvc", "repro", "train"],
+        cwd=repo,
+        env=venv_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if metadata.exists() and json.loads(metadata.read_text() or "{}").get("epoch", 0) >= 3:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "training ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(metadata.read_text())["epoch"]
+    assert 3 <= killed_at < 30
+    assert not (repo / "models" / "model.keras").exists()
+
+    rerun = run(repo, "dvc", "repro")
+    assert "Resuming from epoch" in rerun.stdout
+    resumed_at = int(rerun.stdout.split("Resuming from epoch ")[1].split()[0])
+    assert killed_at <= resumed_at < 30
+    assert ran_stages(rerun.stdout) == ["train", "finetune", "evaluate"]
+    assert (repo / "models" / "model.keras").exists()
+    assert not (repo / "checkpoints" / "train").exists()
+    # the curves tell one story: every epoch once, killed run and resumed run together
+    steps = [
+        int(line.split("\t")[0])
+        for line in (repo / "plots/train/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
+    ]
+    assert sorted(set(steps)) == list(range(30))
+
+
+def test_corrupt_checkpoint_starts_over_with_a_warning(tmp_path: Path) -> None:
+    repo = local_repo(tmp_path)
+    run(repo, "dvc", "repro", "augment")
+    backup = repo / "checkpoints" / "train"
+    backup.mkdir(parents=True)
+    (backup / "training_metadata.json").write_text('{"epoch": 1}')
+    (backup / "latest.weights.h5").write_bytes(b"not an HDF5 file")
+    result = run(repo, "dvc", "repro", "train")
+    assert "checkpoint unreadable" in result.stderr and "starting over" in result.stderr
+    assert "Resuming" not in result.stdout
+    assert (repo / "models" / "model.keras").exists()
+
+
+def test_a_failing_stage_keeps_earlier_outputs_and_rerun_starts_there(tmp_path: Path) -> None:
+    repo = local_repo(tmp_path)
+    run(repo, "dvc", "repro", "augment")
+    lock_before = (repo / "dvc.lock").read_text()
+    # an architecture the registry does not know: train must refuse before any work
+    set_params(repo, **{"model.arch": "resnet9000"})
+    failed = run(repo, "dvc", "repro", check=False)
+    assert failed.returncode != 0
+    assert "model.arch = 'resnet9000': must be one of" in failed.stderr + failed.stdout
+    assert (repo / "dvc.lock").read_text() == lock_before
+    assert (repo / "data" / "augmented").is_dir() and (repo / "data" / "prepared").is_dir()
+    set_params(repo, **{"model.arch": "fastnet"})
+    assert ran_stages(run(repo, "dvc", "repro").stdout) == ["train", "finetune", "evaluate"]
+
+
+def test_same_params_same_metrics_other_seed_other_metrics(tmp_path: Path) -> None:
+    repo = local_repo(tmp_path)
+    run(repo, "dvc", "repro")
+    first = (repo / "metrics" / "train.json").read_text()
+    run(repo, "dvc", "repro", "--force", "train")
+    again = (repo / "metrics" / "train.json").read_text()
+    without_time = lambda text: {k: v for k, v in json.loads(text).items() if k != "seconds"}  # noqa: E731
+    assert without_time(again) == without_time(first)
+    curve = (repo / "plots/train/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert len(curve) == 1 + 2  # header and the two epochs: a rerun starts its curves afresh
+    set_params(repo, seed=7)
+    ran = ran_stages(run(repo, "dvc", "repro").stdout)
+    assert ran == list(STAGES[1:])  # every stage that draws random numbers, and evaluate
+    assert without_time((repo / "metrics" / "train.json").read_text()) != without_time(first)
