@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint browser
 
 $(BIN)/dvc: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,18 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Headless Chromium, and a local copy of the Vega scripts that `dvc plots show` pages load from
+# a CDN, for the browser test (tests/test_report.py skips without them). Versions: those of the
+# installed dvc-render.
+VEGA_DIR := .cache/vega
+browser: setup
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	mkdir -p $(VEGA_DIR)
+	cd $(VEGA_DIR) && for package in $$($(CURDIR)/$(BIN)/python -c "import inspect, re, \
+	    dvc_render.vega as v; print(*re.findall(r'npm/([a-z-]+@[0-9.]+)', inspect.getsource(v)))"); do \
+	  name=$${package%@*}; \
+	  [ -f $$name.min.js ] && continue; \
+	  tarball=$$(npm pack --silent $$package) && \
+	  tar -xzf $$tarball package/build/$$name.min.js -O > $$name.min.js && rm $$tarball; \
+	done

@@ -3,6 +3,7 @@ normalization, so a saved `.keras` file is all that evaluation or prediction nee
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 from keras import layers
 
 from imageclf.errors import PipelineError
-from imageclf.params import ARCHITECTURES, ModelParams
+from imageclf.params import ARCHITECTURES, BACKBONES, OWN_ARCHITECTURES, ModelParams
 
 WHITENING_SAMPLE = 5000  # training images whose 2x2 patches set fastnet's whitening stem
 
@@ -19,25 +20,162 @@ WHITENING_SAMPLE = 5000  # training images whose 2x2 patches set fastnet's white
 def build_model(
     params: ModelParams, meta: dict, train_images: np.ndarray | None = None
 ) -> keras.Model:
-    """Build `params.arch` for the classes, image size and channel statistics in `meta`;
-    data-dependent initialization (fastnet's whitening stem) uses `train_images` when given."""
+    """Build `params.arch` for the classes, image size and channel statistics in `meta`.
+
+    The model is image -> resize -> preprocessing -> "backbone" (a nested model) -> "logits" ->
+    "probabilities". Pretrained weights (`params.weights`) fill the backbone, which is then
+    frozen: the train stage trains the head only, the finetune stage unfreezes the backbone's
+    top (`unfreeze_top`). Without them, fastnet's whitening stem is set from `train_images`.
+    """
+    size = params.input_size or meta["image_size"]
+    pretrained = params.weights != "none"
     inputs = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    size = meta["image_size"]
     x = layers.Resizing(size, size, name="resize")(inputs)
-    x = layers.Normalization(
-        mean=meta["mean"], variance=[s * s for s in meta["std"]], name="normalize"
-    )(x)
-    x = BUILDERS[params.arch](x, params)
+    if params.arch in BACKBONES:
+        mode = APPLICATIONS[params.arch][1]
+        if mode is not None:  # EfficientNet rescales and normalizes inside the backbone
+            x = ImagenetPreprocess(mode, name="imagenet_preprocess")(x)
+        backbone = _application(params, size)
+    else:
+        x = layers.Normalization(
+            mean=meta["mean"], variance=[s * s for s in meta["std"]], name="normalize"
+        )(x)
+        body_input = keras.Input(shape=(size, size, 3), name="backbone_input")
+        features = BUILDERS[params.arch](body_input, params)
+        backbone = keras.Model(body_input, features, name="backbone")
+    # a pretrained backbone runs in inference mode, BatchNorm statistics and dropout included,
+    # also once its top is unfrozen (keras.io transfer-learning guide)
+    features = backbone(x, training=False) if pretrained else backbone(x)
     # float32 softmax even under mixed precision, for numerically sound probabilities
-    x = layers.Dense(len(meta["class_names"]), name="logits")(x)
-    outputs = NamedSoftmax(meta["class_names"], dtype="float32", name="probabilities")(x)
+    logits = layers.Dense(len(meta["class_names"]), name="logits")(features)
+    outputs = NamedSoftmax(meta["class_names"], dtype="float32", name="probabilities")(logits)
     model = keras.Model(inputs, outputs, name=params.arch)
-    if params.arch == "fastnet":
-        identity_init(model)
+
+    if params.weights.endswith(".keras"):
+        transfer_weights(Path(params.weights), model)
+    elif pretrained and params.arch in OWN_ARCHITECTURES:
+        _load_weights_file(backbone, Path(params.weights))
+    elif params.arch == "fastnet":
+        identity_init(backbone)
         if train_images is not None:
             stride = max(1, len(train_images) // WHITENING_SAMPLE)  # spread over all classes
             whiten_stem(model, train_images[::stride][:WHITENING_SAMPLE])
+    if pretrained:
+        backbone.trainable = False
     return model
+
+
+def _application(params: ModelParams, size: int) -> keras.Model:
+    """A Keras application without its ImageNet classifier, global-average-pooled."""
+    constructor = APPLICATIONS[params.arch][0]
+    weights = None  # random, or filled from a .keras model afterwards by transfer_weights
+    if params.weights == "imagenet":
+        weights = "imagenet"
+    elif params.weights != "none" and not params.weights.endswith(".keras"):
+        weights = _existing_file(Path(params.weights))
+    try:
+        backbone = constructor(
+            include_top=False, weights=weights, input_shape=(size, size, 3), pooling="avg"
+        )
+    except ValueError as exc:
+        raise PipelineError(f"model: {params.arch} cannot be built as asked: {exc}") from None
+    except Exception as exc:  # keras.utils.get_file raises a bare Exception when offline
+        if weights != "imagenet":
+            raise
+        raise PipelineError(
+            f"model.weights = 'imagenet': could not download the ImageNet weights of "
+            f"{params.arch} ({exc}). Keras caches them in "
+            f"{keras_cache() / 'models'}; on a machine without internet, "
+            "copy the no-top weights file there, or set model.weights to its path."
+        ) from None
+    backbone.name = "backbone"
+    return backbone
+
+
+def keras_cache() -> Path:
+    """Where Keras keeps downloaded files (as `keras.utils.get_file`: $KERAS_HOME or ~/.keras)."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+
+
+def _existing_file(path: Path) -> str:
+    if not path.is_file():
+        raise PipelineError(
+            f"model.weights: {path} does not exist; give none, imagenet, or the path of a "
+            ".keras model or a weights file"
+        )
+    return str(path)
+
+
+def _load_weights_file(backbone: keras.Model, path: Path) -> None:
+    try:
+        backbone.load_weights(_existing_file(path))
+    except (ValueError, OSError) as exc:
+        raise PipelineError(
+            f"model.weights: {path} does not fit the {backbone.name} of this model.arch ({exc}); "
+            "use weights saved from the same architecture and widths"
+        ) from None
+
+
+def transfer_weights(path: Path, model: keras.Model) -> None:
+    """Start `model` from the `.keras` model at `path` (an earlier run): its backbone, and its
+    classifier head too when the class count is the same."""
+    source = load_model(_existing_file(path))
+    try:
+        source_backbone = source.get_layer("backbone")
+    except ValueError:
+        raise PipelineError(
+            f"model.weights: {path} was not made by this project's train or finetune stage "
+            "(it has no 'backbone' layer)"
+        ) from None
+    backbone = model.get_layer("backbone")
+    source_shapes = [tuple(w.shape) for w in source_backbone.weights]
+    if source_shapes != [tuple(w.shape) for w in backbone.weights]:
+        raise PipelineError(
+            f"model.weights: the backbone in {path} ({source.name}) does not match "
+            f"model.arch = {model.name!r} with these model.widths; set them as in the run that "
+            "made it"
+        )
+    backbone.set_weights(source_backbone.get_weights())
+    head, source_head = model.get_layer("logits"), source.get_layer("logits")
+    if [w.shape for w in head.weights] == [w.shape for w in source_head.weights]:
+        head.set_weights(source_head.get_weights())
+
+
+def unfreeze_top(model: keras.Model, unfreeze: int | float) -> int | None:
+    """Make the top of a frozen (pretrained) backbone trainable for fine-tuning: `unfreeze`
+    layers with weights, or that fraction of them; BatchNorm layers stay frozen. Returns the
+    number unfrozen, or None when the backbone was trained from scratch (all of it trains)."""
+    backbone = model.get_layer("backbone")
+    if backbone.trainable:
+        return None
+    candidates = [
+        layer
+        for layer in backbone.layers
+        if layer.weights and not isinstance(layer, layers.BatchNormalization)
+    ]
+    count = round(unfreeze * len(candidates)) if isinstance(unfreeze, float) else unfreeze
+    count = min(count, len(candidates))
+    top = set(map(id, candidates[len(candidates) - count :]))
+    backbone.trainable = True
+    for layer in backbone.layers:
+        layer.trainable = id(layer) in top
+    return count
+
+
+@keras.saving.register_keras_serializable(package="imageclf")
+class ImagenetPreprocess(layers.Layer):
+    """The input scaling a Keras application's ImageNet weights expect ("tf": to [-1, 1];
+    "caffe": BGR, minus the ImageNet mean), as a layer so that it is saved with the model."""
+
+    def __init__(self, mode: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.mode = mode
+
+    def call(self, images):
+        return keras.applications.imagenet_utils.preprocess_input(images, mode=self.mode)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "mode": self.mode}
 
 
 @keras.saving.register_keras_serializable(package="imageclf")
@@ -90,7 +228,7 @@ def whiten_stem(model: keras.Model, images: np.ndarray, eps: float = 5e-4) -> No
     its filters are the eigenvectors of the patch covariance, scaled to unit variance, in
     +/- pairs so that the GELU after it loses nothing. Training starts on decorrelated inputs.
     """
-    stem = model.get_layer("stem")
+    stem = model.get_layer("backbone").get_layer("stem")
     height, width, channels, filters = stem.kernel.shape
     x = np.asarray(model.get_layer("normalize")(images.astype(np.float32)))
     patches = np.lib.stride_tricks.sliding_window_view(x, (height, width), axis=(1, 2))
@@ -131,7 +269,13 @@ def baseline(x, params: ModelParams):
 
 
 BUILDERS: dict[str, Callable] = {"fastnet": fastnet, "baseline": baseline}
-assert tuple(BUILDERS) == ARCHITECTURES, "keep imageclf.params.ARCHITECTURES in step"
+# Keras applications and the input scaling their ImageNet weights expect
+APPLICATIONS: dict[str, tuple[Callable, str | None]] = {
+    "mobilenet_v2": (keras.applications.MobileNetV2, "tf"),
+    "efficientnet_b0": (keras.applications.EfficientNetB0, None),
+    "resnet50": (keras.applications.ResNet50, "caffe"),
+}
+assert (*BUILDERS, *APPLICATIONS) == ARCHITECTURES, "keep imageclf.params.ARCHITECTURES in step"
 
 
 def load_model(path: str | Path) -> keras.Model:

@@ -7,13 +7,23 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from imageclf.errors import PipelineError
 
 # Names of the architectures `imageclf.models` can build; kept here so that validating
-# params does not need to import TensorFlow.
-ARCHITECTURES = ("fastnet", "baseline")
+# params does not need to import TensorFlow. Our own CNNs first, then Keras application
+# backbones that can start from ImageNet weights.
+OWN_ARCHITECTURES = ("fastnet", "baseline")
+BACKBONES = ("mobilenet_v2", "efficientnet_b0", "resnet50")
+ARCHITECTURES = OWN_ARCHITECTURES + BACKBONES
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -48,12 +58,27 @@ class AugmentParams(Section):
 class ModelParams(Section):
     arch: str
     widths: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=3, max_length=3)]
+    # "none" (random init), "imagenet" (Keras application backbones) or the path of a `.keras`
+    # model of an earlier run or of a weights file
+    weights: str = Field(min_length=1)
+    input_size: Annotated[int, Field(ge=8, le=1024)] | None
 
     @field_validator("arch")
     @classmethod
     def known_arch(cls, value: str) -> str:
         if value not in ARCHITECTURES:
             raise ValueError(f"must be one of {', '.join(ARCHITECTURES)}")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def imagenet_needs_a_backbone(cls, value: str, info: ValidationInfo) -> str:
+        arch = info.data.get("arch")
+        if value == "imagenet" and arch in OWN_ARCHITECTURES:
+            raise ValueError(
+                f"needs a Keras application backbone as model.arch ({', '.join(BACKBONES)}), "
+                f"not {arch!r}"
+            )
         return value
 
 
@@ -74,6 +99,17 @@ class TrainParams(Section):
 class FinetuneParams(Section):
     epochs: Annotated[int, Field(ge=1)]
     lr: PositiveFloat
+    # pretrained backbones: how many of the top layers to unfreeze, as a count of layers with
+    # weights (an integer) or a fraction of them (a float in (0, 1])
+    unfreeze: int | float
+
+    @field_validator("unfreeze", mode="before")
+    @classmethod
+    def count_or_fraction(cls, value: object) -> object:
+        is_count = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        if not is_count and not (isinstance(value, float) and 0 < value <= 1):
+            raise ValueError("must be a count of layers (an integer >= 0) or a fraction in (0, 1]")
+        return value
 
 
 class EvaluateParams(Section):

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
 from imageclf.datasets import Split
+from imageclf.fileio import write_text
 from imageclf.params import TrainParams
 
 
@@ -124,16 +126,20 @@ def fit(
     params: TrainParams,
     epochs: int,
     seed: int,
-    backup_dir: Path,
-    live_dir: Path,
+    work_dir: Path,
+    curves_path: Path,
     first_step: int = 0,
 ) -> tuple[dict[str, float], float]:
-    """Train `epochs` epochs, resuming from `backup_dir` if a previous run was killed.
+    """Train `epochs` epochs, resuming from the checkpoint in `work_dir` if a run was killed.
 
-    `first_step` numbers the epochs in the DVCLive curves (the finetune stage continues the
-    train stage's curves). Returns the last epoch's logs and the wall time in seconds.
+    DVCLive logs the curves in `work_dir` next to the checkpoint, so that a resumed run
+    continues them; once training is done they are merged into one table at `curves_path`
+    (`curves_table`) and `work_dir` is removed. `first_step` numbers the epochs (the finetune
+    stage continues the train stage's curves). Returns the last epoch's logs and the wall time
+    in seconds.
     """
     start = time.perf_counter()
+    backup_dir, live_work_dir = work_dir / "backup", work_dir / "live"
     num_classes = model.output_shape[-1]
     initial_epoch = backup_epoch(backup_dir, model)
     if initial_epoch:
@@ -155,7 +161,11 @@ def fit(
         ),
     ).prefetch(2)
     live = Live(
-        dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=initial_epoch > 0
+        dir=str(live_work_dir),
+        dvcyaml=None,
+        save_dvc_exp=False,
+        report=None,
+        resume=initial_epoch > 0,
     )
     live.step = first_step + initial_epoch
     history = model.fit(
@@ -174,7 +184,24 @@ def fit(
         verbose=2,
     )
     last = {key: float(values[-1]) for key, values in history.history.items()}
+    write_text(curves_path, curves_table(live_work_dir).to_csv(sep="\t", index=False))
+    shutil.rmtree(work_dir)
     return last, time.perf_counter() - start
+
+
+def curves_table(live_dir: Path) -> pd.DataFrame:
+    """DVCLive's series (one file per metric, `eval/` for validation) as one table: a row per
+    epoch, columns step, loss, accuracy, val_loss, val_accuracy, lr. One git-tracked file per
+    stage keeps DVC's run-cache usable and `dvc plots show` free of a plot per series."""
+    table = None
+    for path in sorted((live_dir / "plots" / "metrics").glob("*/*.tsv")):
+        name = f"val_{path.stem}" if path.parent.name == "eval" else path.stem
+        series = pd.read_csv(path, sep="\t")[["step", path.stem]].rename(columns={path.stem: name})
+        table = series if table is None else table.merge(series, on="step", how="outer")
+    if table is None:
+        raise FileNotFoundError(f"{live_dir}: no DVCLive series")
+    order = ["step", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
+    return table[[c for c in order if c in table] + [c for c in table if c not in order]]
 
 
 class LearningRateLogger(keras.callbacks.Callback):

@@ -4,7 +4,6 @@ verify `data.checksum`, and extract it to data/raw."""
 from pathlib import Path
 
 from imageclf.download import fetch_dataset
-
 from imageclf.errors import run_stage
 from imageclf.params import load_params
 

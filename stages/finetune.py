@@ -1,6 +1,7 @@
-"""Stage finetune: load models/model.keras and continue training at the lower `finetune.lr`
-(cosine decay to zero), then save models/finetuned.keras, metrics/finetune.json and the
-curves (plots/finetune/, numbered after the train stage's epochs)."""
+"""Stage finetune: load models/model.keras, unfreeze the top of its backbone if it was
+pretrained (and frozen by the train stage), and continue training at the lower `finetune.lr`
+(cosine decay to zero); save models/finetuned.keras, metrics/finetune.json and the curves
+(plots/finetune.tsv, numbered after the train stage's epochs)."""
 
 from pathlib import Path
 
@@ -8,7 +9,7 @@ from imageclf.augment import copy_paths
 from imageclf.datasets import load_split
 from imageclf.errors import run_stage
 from imageclf.fileio import atomic_path, write_json
-from imageclf.models import load_model
+from imageclf.models import load_model, unfreeze_top
 from imageclf.params import load_params
 from imageclf.training import compile_model, configure_runtime, fit, steps_per_epoch
 
@@ -23,6 +24,9 @@ def main() -> None:
     steps = steps_per_epoch(len(train.labels), params.train.batch_size)
     with strategy.scope():
         model = load_model("models/model.keras")
+        unfrozen = unfreeze_top(model, params.finetune.unfreeze)
+        if unfrozen is not None:
+            print(f"Pretrained backbone: fine-tuning its top {unfrozen} layers with weights")
         compile_model(
             model,
             params.train,
@@ -38,8 +42,8 @@ def main() -> None:
         params=params.train,
         epochs=params.finetune.epochs,
         seed=params.seed,
-        backup_dir=Path("checkpoints/finetune"),
-        live_dir=Path("plots/finetune"),
+        work_dir=Path("checkpoints/finetune"),
+        curves_path=Path("plots/finetune.tsv"),
         first_step=params.train.epochs,
     )
     with atomic_path("models/finetuned.keras") as tmp:

@@ -1,6 +1,6 @@
 """Stage train: build `model.arch`, train it on the augmented copies with the `train` params
 while monitoring the validation split, and save models/model.keras, metrics/train.json and the
-per-epoch curves (DVCLive, plots/train/)."""
+per-epoch curves (logged with DVCLive, plots/train.tsv)."""
 
 from pathlib import Path
 
@@ -24,6 +24,8 @@ def main() -> None:
     steps = steps_per_epoch(len(train.labels), params.train.batch_size)
     with strategy.scope():
         model = build_model(params.model, meta, train.images)
+        if not model.get_layer("backbone").trainable:
+            print(f"Backbone from {params.model.weights}, frozen: training the head only")
         compile_model(
             model,
             params.train,
@@ -39,8 +41,8 @@ def main() -> None:
         params=params.train,
         epochs=params.train.epochs,
         seed=params.seed,
-        backup_dir=Path("checkpoints/train"),
-        live_dir=Path("plots/train"),
+        work_dir=Path("checkpoints/train"),
+        curves_path=Path("plots/train.tsv"),
     )
     with atomic_path("models/model.keras") as tmp:
         model.save(tmp)

@@ -3,15 +3,24 @@ before it, and reruns are reproducible. Real `dvc repro` in a temporary reposito
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import yaml
 
+from imageclf.errors import PipelineError
+from imageclf.fileio import atomic_path
+from imageclf.models import build_model
+from imageclf.params import ModelParams
 from tests import synthetic
 from tests.test_pipeline import STAGES, make_repo, ran_stages, run, venv_env
 
@@ -38,7 +47,7 @@ def test_training_killed_mid_way_resumes_from_the_last_epoch(tmp_path: Path) -> 
     repo = local_repo(tmp_path)
     set_params(repo, **{"train.epochs": 30})
     run(repo, "dvc", "repro", "augment")
-    metadata = repo / "checkpoints" / "train" / "training_metadata.json"
+    metadata = repo / "checkpoints" / "train" / "backup" / "training_metadata.json"
     process = subprocess.Popen(
         ["dvc", "repro", "train"],
         cwd=repo,
@@ -69,7 +78,7 @@ def test_training_killed_mid_way_resumes_from_the_last_epoch(tmp_path: Path) -> 
     # the curves tell one story: every epoch once, killed run and resumed run together
     steps = [
         int(line.split("\t")[0])
-        for line in (repo / "plots/train/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]
+        for line in (repo / "plots" / "train.tsv").read_text().splitlines()[1:]
     ]
     assert sorted(set(steps)) == list(range(30))
 
@@ -77,7 +86,7 @@ def test_training_killed_mid_way_resumes_from_the_last_epoch(tmp_path: Path) -> 
 def test_corrupt_checkpoint_starts_over_with_a_warning(tmp_path: Path) -> None:
     repo = local_repo(tmp_path)
     run(repo, "dvc", "repro", "augment")
-    backup = repo / "checkpoints" / "train"
+    backup = repo / "checkpoints" / "train" / "backup"
     backup.mkdir(parents=True)
     (backup / "training_metadata.json").write_text('{"epoch": 1}')
     (backup / "latest.weights.h5").write_bytes(b"not an HDF5 file")
@@ -110,9 +119,87 @@ def test_same_params_same_metrics_other_seed_other_metrics(tmp_path: Path) -> No
     again = (repo / "metrics" / "train.json").read_text()
     without_time = lambda text: {k: v for k, v in json.loads(text).items() if k != "seconds"}  # noqa: E731
     assert without_time(again) == without_time(first)
-    curve = (repo / "plots/train/plots/metrics/train/loss.tsv").read_text().splitlines()
+    curve = (repo / "plots" / "train.tsv").read_text().splitlines()
     assert len(curve) == 1 + 2  # header and the two epochs: a rerun starts its curves afresh
     set_params(repo, seed=7)
     ran = ran_stages(run(repo, "dvc", "repro").stdout)
     assert ran == list(STAGES[1:])  # every stage that draws random numbers, and evaluate
     assert without_time((repo / "metrics" / "train.json").read_text()) != without_time(first)
+
+
+def test_outputs_deleted_by_hand_come_back_from_the_cache_without_retraining(
+    tmp_path: Path,
+) -> None:
+    repo = local_repo(tmp_path)
+    run(repo, "dvc", "repro")
+    deleted = {
+        path: (repo / path).read_bytes()
+        for path in (
+            "models/model.keras",
+            "models/finetuned.keras",
+            "metrics/train.json",
+            "plots/train.tsv",
+        )
+    }
+    for path in deleted:
+        (repo / path).unlink()
+    rerun = run(repo, "dvc", "repro")
+    assert ran_stages(rerun.stdout) == []
+    assert "Stage 'train' is cached - skipping run" in rerun.stdout
+    for path, content in deleted.items():
+        assert (repo / path).read_bytes() == content, path
+    assert run(repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """Writes beyond `size` bytes fail as on a full disk (EFBIG; Python ignores SIGXFSZ)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_disk_full_while_saving_a_model_keeps_the_previous_file(tmp_path: Path) -> None:
+    meta = {"image_size": 16, "mean": [0.0] * 3, "std": [1.0] * 3, "class_names": ["a", "b"]}
+    model = build_model(
+        ModelParams(arch="fastnet", widths=[4, 8, 8], weights="none", input_size=None), meta
+    )
+    path = tmp_path / "model.keras"
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+    good = path.read_bytes()
+    with (
+        file_size_limit(len(good) // 2),
+        pytest.raises(PipelineError) as failure,
+        atomic_path(path) as tmp,
+    ):
+        model.save(tmp)
+    assert str(path) in str(failure.value) and "Free disk space" in str(failure.value)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["model.keras"]  # no temporary file left
+
+
+def test_disk_full_while_writing_arrays_fails_the_stage_and_keeps_the_previous_data(
+    tmp_path: Path,
+) -> None:
+    repo = local_repo(tmp_path)
+    run(repo, "dvc", "repro", "preprocess")
+    prepared = repo / "data" / "prepared"
+    before = {path.name: path.read_bytes() for path in prepared.iterdir()}
+    set_params(repo, seed=7)  # other splits: every array would change
+    limit = min(len(content) for name, content in before.items() if name.endswith(".npz"))
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.preprocess"],
+        cwd=repo,
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit // 2, limit // 2)),
+    )
+    assert result.returncode == 1
+    assert "data/prepared/" in result.stderr and "Free disk space" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert {path.name: path.read_bytes() for path in prepared.iterdir()} == before

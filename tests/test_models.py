@@ -10,15 +10,20 @@ import numpy as np
 import pytest
 
 from imageclf.models import build_model, class_names, load_model
-from imageclf.params import ARCHITECTURES, ModelParams
+from imageclf.params import OWN_ARCHITECTURES, ModelParams
 
 META = {"image_size": 16, "mean": [120.0] * 3, "std": [50.0] * 3, "class_names": ["a", "b", "c"]}
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+def model_params(arch: str = "fastnet", **changes: object) -> ModelParams:
+    defaults = {"widths": [4, 8, 8], "weights": "none", "input_size": None}
+    return ModelParams(arch=arch, **{**defaults, **changes})
+
+
+@pytest.mark.parametrize("arch", OWN_ARCHITECTURES)
 def test_saved_model_needs_nothing_but_its_file(arch: str, tmp_path: Path) -> None:
-    model = build_model(ModelParams(arch=arch, widths=[4, 8, 8]), META)
+    model = build_model(model_params(arch), META)
     model.save(tmp_path / "model.keras")
     loaded = load_model(tmp_path / "model.keras")
     assert class_names(loaded) == ["a", "b", "c"]
@@ -31,7 +36,7 @@ def test_saved_model_needs_nothing_but_its_file(arch: str, tmp_path: Path) -> No
 
 
 def test_normalization_uses_the_training_statistics() -> None:
-    model = build_model(ModelParams(arch="fastnet", widths=[4, 4, 4]), META)
+    model = build_model(model_params(widths=[4, 4, 4]), META)
     normalize = model.get_layer("normalize")
     images = np.full((1, 16, 16, 3), 170, dtype=np.float32)
     np.testing.assert_allclose(np.asarray(normalize(images)), 1.0, rtol=1e-5)
@@ -56,12 +61,13 @@ images = rng.integers(0, 60, (96, 16, 16, 3), dtype=np.uint8)
 images[np.arange(96), :, :, labels] += 190
 meta = {"image_size": 16, "mean": [100.0] * 3, "std": [80.0] * 3, "class_names": ["a", "b", "c"]}
 with strategy.scope():
-    model = build_model(ModelParams(arch="fastnet", widths=[8, 8, 8]), meta)
+    model = build_model(
+        ModelParams(arch="fastnet", widths=[8, 8, 8], weights="none", input_size=None), meta)
     compile_model(model, params, 0.05, total_steps=24, warmup_steps=0)
 np.save("copy.npy", images)
 data = Split(images, labels)
 logs, _ = fit(model, [Path("copy.npy")], data, data, params=params, epochs=4, seed=0,
-              backup_dir=Path("backup"), live_dir=Path("live"))
+              work_dir=Path("work"), curves_path=Path("curves.tsv"))
 print("val_accuracy", logs["val_accuracy"])
 """
 
@@ -78,5 +84,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     accuracy = float(result.stdout.split("val_accuracy")[-1])
     assert accuracy > 0.5  # three colour classes: chance is 0.33
-    assert (tmp_path / "live" / "plots" / "metrics" / "eval" / "accuracy.tsv").exists()
-    assert not (tmp_path / "backup").exists()  # removed once training completed
+    curves = (tmp_path / "curves.tsv").read_text().splitlines()
+    assert curves[0].split("\t") == ["step", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
+    assert [line.split("\t")[0] for line in curves[1:]] == ["0", "1", "2", "3"]
+    assert not (tmp_path / "work").exists()  # checkpoint removed once training completed

@@ -67,3 +67,24 @@ def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
     path.write_text("seed: 1\ntrain: {epochs: 3\n")
     with pytest.raises(PipelineError, match="params.yaml: not valid YAML"):
         load_params(path)
+
+
+def test_transfer_learning_params(tmp_path: Path) -> None:
+    params = committed()
+    params["model"].update(arch="mobilenet_v2", weights="imagenet", input_size=96)
+    params["finetune"]["unfreeze"] = 20
+    loaded = load_params(write(tmp_path, params))
+    assert (loaded.model.weights, loaded.model.input_size, loaded.finetune.unfreeze) == (
+        "imagenet",
+        96,
+        20,
+    )
+    params["finetune"]["unfreeze"] = 0.25
+    assert load_params(write(tmp_path, params)).finetune.unfreeze == 0.25
+
+    params["model"]["arch"] = "fastnet"
+    params["finetune"]["unfreeze"] = 1.5
+    with pytest.raises(PipelineError) as error:
+        load_params(write(tmp_path, params))
+    assert "model.weights = 'imagenet': needs a Keras application backbone" in str(error.value)
+    assert "finetune.unfreeze = 1.5: must be a count of layers" in str(error.value)

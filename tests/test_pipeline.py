@@ -117,8 +117,15 @@ def test_image_folder_dataset_over_http(tmp_path: Path, http_server) -> None:
     # plots render as one HTML page
     run(repo, "dvc", "plots", "show", "-o", "page")
     page = (repo / "page" / "index.html").read_text()
-    for title in ("Loss", "Accuracy", "Learning-rate", "Confusion-Matrix", "F1-per-class"):
-        assert title in page
+    for title in (
+        "Loss per epoch",
+        "Accuracy per epoch",
+        "Learning rate",
+        "Confusion matrix, test split",
+        "F1 per class, test split",
+        "Validation accuracy per epoch, train stage",
+    ):
+        assert title in page, title
     commit_all(repo, "no tta")
 
     # an experiment on a training param reruns training and what follows it, nothing before
