@@ -29,7 +29,9 @@ def image_grid(
 ) -> None:
     """A grid of uint8 images, each with a caption underneath."""
     rows = max(1, -(-len(images) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.45, rows * 1.7), squeeze=False)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(columns * 1.45, rows * 1.7), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, captions):
@@ -74,5 +76,6 @@ def per_class_bars(table: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel("class")
     ax.set_ylabel("score")
     ax.set_title("Per-class precision, recall and F1 (test)")
-    ax.legend(loc="lower right")
+    # outside the axes: inside, it hides the bars of some class
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
     _save(figure, path)

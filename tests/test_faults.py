@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,46 @@ def test_disk_full_while_writing_arrays_fails_the_stage_and_keeps_the_previous_d
     assert "data/prepared/" in result.stderr and "Free disk space" in result.stderr
     assert "Traceback" not in result.stderr
     assert {path.name: path.read_bytes() for path in prepared.iterdir()} == before
+
+
+class FlakyArchive(BaseHTTPRequestHandler):
+    """Serves `archive`; while `broken`, cuts every download off half-way."""
+
+    archive = b""
+    broken = True
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.archive)))
+        self.end_headers()
+        cls = type(self)
+        self.wfile.write(cls.archive[: len(cls.archive) // 2] if cls.broken else cls.archive)
+        self.wfile.flush()
+        self.connection.close()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_download_cut_off_fails_the_stage_cleanly_and_a_rerun_succeeds(
+    tmp_path: Path, http_server
+) -> None:
+    repo = local_repo(tmp_path)
+    run(repo, "dvc", "repro", "preprocess")
+    lock_before = (repo / "dvc.lock").read_text()
+    FlakyArchive.archive = synthetic.tar_gz(
+        tmp_path / "shapes", tmp_path / "shapes.tar.gz"
+    ).read_bytes()
+    url = http_server(handler=FlakyArchive) + "/shapes.tar.gz"
+    set_params(repo, **{"data.source": url})
+
+    failed = run(repo, "dvc", "repro", check=False)
+    assert failed.returncode != 0
+    assert f"error: {url}: download failed after 4 attempt(s)" in failed.stderr
+    assert (repo / "dvc.lock").read_text() == lock_before
+    assert not (repo / "data" / "raw").exists()
+    assert [p.name for p in (repo / "data").iterdir() if p.name.startswith(".raw")] == []
+
+    FlakyArchive.broken = False
+    assert ran_stages(run(repo, "dvc", "repro", "download").stdout) == ["download"]
+    assert (repo / "data" / "raw" / "shapes" / "train" / "red").is_dir()

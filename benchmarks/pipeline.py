@@ -1,0 +1,157 @@
+"""The whole pipeline, end to end, from an empty DVC cache, for the committed params, the quick
+preset of README and the TensorFlow-tutorial baseline, side by side on this machine.
+
+For each preset: a clone of the project's last commit with its own empty cache, `dvc repro`
+stage by stage; prints each stage's wall time and peak memory (largest process), the test
+accuracy, training images per second, training FLOPs per image, the achieved training FLOP
+rate and its ratio to numpy's float32 GEMM rate measured in the same run, and the time of a
+`dvc repro` with nothing changed.
+
+    python benchmarks/pipeline.py --source ../shared/data/cifar10-jpeg.tar.gz \\
+        --checksum sha256:cf743ceddecff1005c221dbe094b82c1cdc33587520b8c5d07aaae6d062238ef
+    # about 80 minutes on 2 cores; --presets quick baseline for a part of it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+from benchmarks.throughput import numpy_gemm_gflops, training_flops_per_image  # noqa: E402
+
+STAGES = ("download", "preprocess", "augment", "train", "finetune", "evaluate")
+# `dvc exp run -S` style overrides of params.yaml; README quotes the same lines
+PRESETS: dict[str, list[str]] = {
+    "default": [],
+    "quick": ["train.epochs=12", "finetune.epochs=1"],
+    # the TensorFlow CNN tutorial: Adam 1e-3, batch 32, 10 epochs, no augmentation or TTA
+    "baseline": [
+        "model.arch=baseline",
+        "augment.copies=1",
+        "augment.translate=0",
+        "augment.flip=none",
+        "train.epochs=9",
+        "train.batch_size=32",
+        "train.optimizer=adamw",
+        "train.lr=0.001",
+        "train.weight_decay=0",
+        "train.warmup_epochs=0",
+        "train.label_smoothing=0",
+        "finetune.epochs=1",
+        "finetune.lr=0.001",
+        "evaluate.tta=false",
+    ],
+}
+
+
+def override(params: dict, assignment: str) -> None:
+    key, _, value = assignment.partition("=")
+    *sections, name = key.split(".")
+    node = params
+    for section in sections:
+        node = node[section]
+    node[name] = yaml.safe_load(value)
+
+
+def run_measured(command: list[str], cwd: Path, log) -> tuple[float, float]:
+    """Wall time (s) and peak resident memory (GiB) of `command` and the processes it waited
+    for (`wait4` reports the largest)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed in {cwd}; see {log.name}")
+    return seconds, usage.ru_maxrss / 2**20
+
+
+def run_preset(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
+    clone = args.work_dir / name
+    shutil.rmtree(clone, ignore_errors=True)
+    shutil.rmtree(args.work_dir / f"{name}-cache", ignore_errors=True)
+    subprocess.run(["git", "clone", "--quiet", str(PROJECT), str(clone)], check=True)
+    subprocess.run(
+        ["dvc", "config", "--local", "cache.dir", str(args.work_dir / f"{name}-cache")],
+        cwd=clone,
+        check=True,
+    )
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    for assignment in [f"data.source={args.source}", f"data.checksum={args.checksum}"]:
+        override(params, assignment)
+    for assignment in overrides:
+        override(params, assignment)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    result: dict = {"stages": {}}
+    with open(args.work_dir / f"{name}.log", "w") as log:
+        for stage in STAGES:
+            result["stages"][stage] = run_measured(["dvc", "repro", "-s", stage], clone, log)
+        result["noop"] = run_measured(["dvc", "repro"], clone, log)[0]
+    result["accuracy"] = json.loads((clone / "metrics" / "eval.json").read_text())["accuracy"]
+    meta = json.loads((clone / "data" / "prepared" / "meta.json").read_text())
+    train_images = sum(meta["counts"]["train"].values())
+    epochs = params["train"]["epochs"] + params["finetune"]["epochs"]
+    fit_seconds = sum(
+        json.loads((clone / "metrics" / f"{stage}.json").read_text())["seconds"]
+        for stage in ("train", "finetune")
+    )
+    # images trained per second of the two training stages, validation passes included
+    result["images_per_second"] = epochs * train_images / fit_seconds
+
+    from imageclf.models import build_model
+    from imageclf.params import load_params
+
+    model = build_model(load_params(clone / "params.yaml").model, meta)
+    result["flops_per_image"] = training_flops_per_image(model)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", required=True, help="data.source for every preset")
+    parser.add_argument("--checksum", default="null", help="data.checksum (default: null)")
+    parser.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS))
+    parser.add_argument("--work-dir", type=Path, default=PROJECT / "benchmarks" / "out" / "runs")
+    args = parser.parse_args()
+    args.source = str(Path(args.source).resolve()) if Path(args.source).exists() else args.source
+    args.work_dir = args.work_dir.resolve()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT, capture_output=True, text=True
+    ).stdout.strip()
+    gemm, blas = numpy_gemm_gflops()
+    print(f"commit {commit}; numpy float32 GEMM 4096^2: {gemm:.0f} GFLOP/s ({blas})")
+
+    results = {}
+    for name in args.presets:
+        results[name] = run_preset(name, PRESETS[name], args)
+        r = results[name]
+        total = sum(seconds for seconds, _ in r["stages"].values())
+        print(f"\n{name}: {' '.join(PRESETS[name]) or 'params.yaml as committed'}")
+        print(f"  {'stage':<11} {'wall s':>8} {'peak GiB':>9}")
+        for stage, (seconds, memory) in r["stages"].items():
+            print(f"  {stage:<11} {seconds:8.1f} {memory:9.2f}")
+        print(f"  {'total':<11} {total:8.1f}   ({total / 60:.1f} min)")
+        print(f"  dvc repro with nothing changed: {r['noop']:.1f} s")
+        achieved = r["images_per_second"] * r["flops_per_image"] / 1e9
+        print(
+            f"  test accuracy {r['accuracy']:.4f}; training {r['images_per_second']:.0f} img/s x "
+            f"{r['flops_per_image'] / 1e6:.0f} MFLOP = {achieved:.0f} GFLOP/s, "
+            f"{achieved / gemm:.0%} of numpy's GEMM rate"
+        )
+    (args.work_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
