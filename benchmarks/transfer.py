@@ -92,7 +92,7 @@ def train_run(
         epochs=epochs,
         seed=seed,
         work_dir=work / "checkpoint",
-        live_dir=work / "curves",
+        curves_path=work / "curves.tsv",
     )
     return seconds
 
