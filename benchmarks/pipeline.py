@@ -35,6 +35,13 @@ STAGES = ("download", "preprocess", "augment", "train", "finetune", "evaluate")
 PRESETS: dict[str, list[str]] = {
     "default": [],
     "quick": ["train.epochs=12", "finetune.epochs=1"],
+    # as long as the baseline takes, for the comparison at equal wall time
+    "minutes": [
+        "augment.copies=3",
+        "train.epochs=2",
+        "train.warmup_epochs=0.5",
+        "finetune.epochs=1",
+    ],
     # the TensorFlow CNN tutorial: Adam 1e-3, batch 32, 10 epochs, no augmentation or TTA
     "baseline": [
         "model.arch=baseline",
