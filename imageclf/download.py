@@ -20,7 +20,6 @@ from urllib.parse import unquote, urlparse
 from tqdm import tqdm
 
 from imageclf.errors import PipelineError
-from imageclf.fileio import replace_dir
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 RETRY_DELAY = 1.0  # seconds before the first retry; doubled for each further one
@@ -62,7 +61,7 @@ def fetch_dataset(
                         "Set data.checksum to null."
                     )
                 shutil.copytree(local, staging, symlinks=False)
-                replace_dir(staging, out_dir)
+                _swap_in(staging, out_dir)
                 return
             archive = local
             _archive_name(local.name, source)
@@ -75,7 +74,7 @@ def fetch_dataset(
                     "again, or set data.checksum to the new value if the change is intended."
                 )
         _extract(archive, staging, source)
-        replace_dir(staging, out_dir)
+        _swap_in(staging, out_dir)
 
 
 def _parse_checksum(checksum: str | None) -> tuple[str, str | None]:
@@ -188,3 +187,11 @@ def _check_member(name: str, target: Path, archive: Path, is_link: bool) -> None
             f"{archive.name}: refusing member {name!r}: {kind}. The archive is unsafe; "
             "use a trusted copy of the dataset."
         )
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Replace `out_dir` with the complete `staging` folder (same file system, two renames)."""
+    old = staging.with_name("previous")
+    if out_dir.exists():
+        out_dir.rename(old)
+    staging.rename(out_dir)

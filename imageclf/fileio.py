@@ -7,7 +7,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,26 +58,3 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write `data` as indented JSON to `path` atomically."""
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def replace_dir(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """Move the complete folder `source` to `target`, replacing the folder there.
-
-    Both must be on the same file system: each step is a rename, so `target` is always either
-    the old folder or the new one, and the old one comes back if the move fails.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    previous = trash / "previous"
-    try:
-        if target.exists():
-            target.rename(previous)
-        try:
-            Path(source).rename(target)
-        except OSError:
-            if previous.exists():
-                previous.rename(target)
-            raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
