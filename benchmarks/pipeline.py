@@ -57,7 +57,7 @@ PRESETS: dict[str, list[str]] = {
         "train.label_smoothing=0",
         "finetune.epochs=1",
         "finetune.lr=0.001",
-        "evaluate.tta=false",
+        "evaluate.tta=none",
     ],
 }
 

@@ -98,7 +98,7 @@ def train_run(
 
 
 def accuracy(model, test: Split) -> float:
-    probabilities = predict(model, test.images, batch_size=1000, tta=True)
+    probabilities = predict(model, test.images, batch_size=1000, tta="flip")
     return float((probabilities.argmax(axis=1) == test.labels).mean())
 
 

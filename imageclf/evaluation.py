@@ -1,5 +1,5 @@
-"""Test-set evaluation: predictions (with optional mirror test-time augmentation), scikit-learn
-metrics, and the data behind the confusion and per-class plots."""
+"""Test-set evaluation: predictions (with optional mirror and shift test-time augmentation),
+scikit-learn metrics, and the data behind the confusion and per-class plots."""
 
 from __future__ import annotations
 
@@ -9,13 +9,32 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 
-def predict(model: keras.Model, images: np.ndarray, batch_size: int, tta: bool) -> np.ndarray:
-    """Class probabilities; with `tta`, the mean over each image and its horizontal mirror."""
-    probabilities = model.predict(images, batch_size=batch_size, verbose=0)
-    if tta:
-        mirrored = model.predict(images[:, :, ::-1], batch_size=batch_size, verbose=0)
-        probabilities = (probabilities + mirrored) / 2
+def predict(
+    model: keras.Model, images: np.ndarray, batch_size: int, tta: str = "none"
+) -> np.ndarray:
+    """Class probabilities of `images`, with test-time augmentation `tta` (airbench's levels):
+    "none"; "flip": the mean over each image and its horizontal mirror; "translate": half that,
+    half the same mean over copies shifted by one pixel up-left and down-right."""
+
+    def with_mirror(views: np.ndarray) -> np.ndarray:
+        plain = model.predict(views, batch_size=batch_size, verbose=0)
+        if tta == "none":
+            return plain
+        return (plain + model.predict(views[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2
+
+    probabilities = with_mirror(images)
+    if tta == "translate":
+        shifted = [with_mirror(shift(images, d, d)) for d in (-1, 1)]
+        probabilities = (probabilities + (shifted[0] + shifted[1]) / 2) / 2
     return probabilities
+
+
+def shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """`images` moved by (dy, dx) pixels, the edge filled by reflection as augment does."""
+    pad = max(abs(dy), abs(dx))
+    height, width = images.shape[1:3]
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    return padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width]
 
 
 def summarize(labels: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> dict:

@@ -91,9 +91,16 @@ class TrainParams(Section):
     weight_decay: NonNegativeFloat
     warmup_epochs: NonNegativeFloat
     label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
-    jit_compile: bool
+    jit_compile: Literal["auto"] | bool
     precision: Literal["auto", "float32", "mixed_float16"]
     distribute: Literal["auto", "none", "mirrored"]
+
+    @field_validator("jit_compile", mode="before")
+    @classmethod
+    def auto_or_bool(cls, value: object) -> object:
+        if value != "auto" and not isinstance(value, bool):
+            raise ValueError("must be auto, true or false")
+        return value
 
 
 class FinetuneParams(Section):
@@ -113,7 +120,7 @@ class FinetuneParams(Section):
 
 
 class EvaluateParams(Section):
-    tta: bool
+    tta: Literal["none", "flip", "translate"]
     batch_size: Annotated[int, Field(ge=1)]
     misclassified: Annotated[int, Field(ge=0, le=400)]
 

@@ -108,7 +108,7 @@ def test_image_folder_dataset_over_http(tmp_path: Path, http_server) -> None:
 
     # a param only evaluate reads: only evaluate runs
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["evaluate"]["tta"] = False
+    params["evaluate"]["tta"] = "none"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert ran_stages(run(repo, "dvc", "repro").stdout) == ["evaluate"]
     diff = run(repo, "dvc", "metrics", "diff", "--all").stdout

@@ -31,7 +31,7 @@ def test_plots_page_draws_every_plot_in_chromium(tmp_path: Path) -> None:
     run(repo, "dvc", "repro")
     commit_all(repo, "first run")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["evaluate"]["tta"] = False
+    params["evaluate"]["tta"] = "none"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(repo, "dvc", "repro")
 

@@ -1,0 +1,56 @@
+"""Test-time augmentation: which views of a test image are averaged, and with what weights."""
+
+import keras
+import numpy as np
+
+from imageclf.evaluation import predict, shift
+
+
+def column_model(width: int) -> keras.Model:
+    """Two classes: evidence for class 0 is the brightness of the leftmost column, for class 1
+    that of the next one; nothing else counts, so a mirror or a shift changes the prediction."""
+    inputs = keras.Input((width, width, 1))
+    logits = keras.layers.Dense(2, use_bias=False)(keras.layers.Flatten()(inputs))
+    kernel = np.zeros((width, width, 2), np.float32)
+    kernel[:, 0, 0] = kernel[:, 1, 1] = 1.0
+    model = keras.Model(inputs, keras.layers.Softmax()(logits))
+    model.layers[2].kernel.assign(kernel.reshape(-1, 2))
+    return model
+
+
+def test_shift_moves_content_and_fills_the_edge_by_reflection() -> None:
+    images = np.arange(16, dtype=np.uint8).reshape(1, 4, 4, 1)
+    up_left = shift(images, -1, -1)[0, :, :, 0]
+    assert up_left.shape == (4, 4) and up_left.dtype == np.uint8
+    assert up_left[0, 0] == images[0, 1, 1, 0]
+    down_right = shift(images, 1, 1)[0, :, :, 0]
+    assert down_right[1, 1] == images[0, 0, 0, 0]
+    # reflection: the new first row mirrors the second original row about the first
+    np.testing.assert_array_equal(down_right[0, 1:], images[0, 1, :3, 0])
+
+
+def test_flip_averages_each_image_with_its_mirror() -> None:
+    model = column_model(6)
+    images = np.zeros((1, 6, 6, 1), np.float32)
+    images[0, :, 0] = 1  # bright left column: class 0; its mirror shows no evidence at all
+    plain = predict(model, images, batch_size=1, tta="none")
+    assert plain[0, 0] > 0.99
+    flipped = predict(model, images, batch_size=1, tta="flip")
+    np.testing.assert_allclose(flipped, (plain + 0.5) / 2, atol=1e-6)
+
+
+def test_translate_weighs_plain_and_shifted_views_half_and_half() -> None:
+    model = column_model(6)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 6, 6, 1)).astype(np.float32) / 255
+
+    def mirrored_mean(views: np.ndarray) -> np.ndarray:
+        return (model.predict(views, verbose=0) + model.predict(views[:, :, ::-1], verbose=0)) / 2
+
+    expected = (
+        mirrored_mean(images) / 2
+        + (mirrored_mean(shift(images, -1, -1)) + mirrored_mean(shift(images, 1, 1))) / 4
+    )
+    translated = predict(model, images, batch_size=2, tta="translate")
+    np.testing.assert_allclose(translated, expected, atol=1e-6)
+    assert not np.allclose(translated, predict(model, images, batch_size=2, tta="flip"))
