@@ -119,6 +119,8 @@ def main() -> None:
     print(f"TensorFlow matmul 4096^2:  {tf_gemm:.0f} GFLOP/s")
     presets = {
         "default (params.yaml)": (params.model, params.train),
+        # jit_compile: auto leaves XLA off on a CPU; this row measures the other choice
+        "default, XLA on": (params.model, params.train.model_copy(update={"jit_compile": True})),
         "baseline (TF tutorial CNN)": (
             params.model.model_copy(update={"arch": "baseline"}),
             params.train.model_copy(update={"batch_size": 64}),
