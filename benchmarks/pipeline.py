@@ -9,7 +9,7 @@ rate and its ratio to numpy's float32 GEMM rate measured in the same run, and th
 
     python benchmarks/pipeline.py --source ../shared/data/cifar10-jpeg.tar.gz \\
         --checksum sha256:cf743ceddecff1005c221dbe094b82c1cdc33587520b8c5d07aaae6d062238ef
-    # about 80 minutes on 2 cores; --presets quick baseline for a part of it
+    # about 70 minutes on 2 cores; --presets quick baseline for a part of it
 """
 
 from __future__ import annotations
