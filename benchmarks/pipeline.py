@@ -37,10 +37,12 @@ PRESETS: dict[str, list[str]] = {
     "quick": ["train.epochs=16", "finetune.epochs=1"],
     # as long as the baseline takes, for the comparison at equal wall time
     "minutes": [
+        "model.widths=[32,64,128]",
         "augment.copies=3",
-        "train.epochs=2",
+        "train.epochs=3",
         "train.warmup_epochs=0.5",
         "finetune.epochs=1",
+        "evaluate.tta=flip",
     ],
     # the TensorFlow CNN tutorial: Adam 1e-3, batch 32, 10 epochs, no augmentation or TTA
     "baseline": [
