@@ -121,6 +121,10 @@ def main() -> None:
         "default (params.yaml)": (params.model, params.train),
         # jit_compile: auto leaves XLA off on a CPU; this row measures the other choice
         "default, XLA on": (params.model, params.train.model_copy(update={"jit_compile": True})),
+        "quick preset's fastnet": (
+            params.model.model_copy(update={"widths": [64, 128, 256]}),
+            params.train,
+        ),
         "baseline (TF tutorial CNN)": (
             params.model.model_copy(update={"arch": "baseline"}),
             params.train.model_copy(update={"batch_size": 64}),
