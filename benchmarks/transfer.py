@@ -92,6 +92,7 @@ def train_run(
         epochs=epochs,
         seed=seed,
         work_dir=work / "checkpoint",
+        fingerprint=f"{work.name} {epochs} epochs at lr {lr}",  # never resumed: a fresh folder
         curves_path=work / "curves.tsv",
     )
     return seconds
@@ -166,7 +167,7 @@ def main() -> None:
     head_seconds = train_run(
         transferred, train, val, work / "head", small, args.head_epochs, params.train.lr, seed
     )
-    unfreeze_top(transferred, 1.0)
+    unfreeze_top(transferred, "all")
     tune_seconds = train_run(
         transferred,
         train,

@@ -39,18 +39,27 @@ def augment_copy(
 
 
 def _translate(images: np.ndarray, rng: np.random.Generator, pad: int) -> np.ndarray:
-    """Random crop of the reflection-padded images: shifts of up to `pad` pixels each way."""
-    count, height, width, _ = images.shape
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    dy = rng.integers(0, 2 * pad + 1, count)
-    dx = rng.integers(0, 2 * pad + 1, count)
+    """Each image shifted at random by up to `pad` pixels each way."""
+    count = len(images)
+    # drawn as the corner of a crop of the padded image, 0..2*pad (the shift is pad - corner)
+    top = rng.integers(0, 2 * pad + 1, count)
+    left = rng.integers(0, 2 * pad + 1, count)
     out = np.empty_like(images)
-    # one vectorized slice per distinct offset instead of one per image
+    # one vectorized shift per distinct offset instead of one per image
     for y in range(2 * pad + 1):
         for x in range(2 * pad + 1):
-            chosen = (dy == y) & (dx == x)
-            out[chosen] = padded[chosen, y : y + height, x : x + width]
+            chosen = (top == y) & (left == x)
+            out[chosen] = shift(images[chosen], pad - y, pad - x)
     return out
+
+
+def shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """`images` moved by (dy, dx) pixels, the uncovered edge filled by reflection: a shifted
+    photo still looks like a photo, where zero padding would add a black border."""
+    pad = max(abs(dy), abs(dx))
+    height, width = images.shape[1:3]
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    return padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width]
 
 
 def _cutout(images: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
 from imageclf.errors import PipelineError
 from imageclf.fileio import atomic_path, write_json
+from imageclf.images import BadImage, decode_image, resize_images
 
 SPLITS = ("train", "val", "test")
 
@@ -83,7 +83,7 @@ def _read_cifar_batches(root: Path, image_size: int) -> RawDataset:
             raise PipelineError(f"{root}: CIFAR batch without {exc.args[0]!r}") from None
         side = int(round((flat.shape[1] // 3) ** 0.5))
         images = flat.reshape(-1, 3, side, side).transpose(0, 2, 3, 1)
-        return Split(_resize_all(images, image_size), labels)
+        return Split(resize_images(images, image_size), labels)
 
     test = load(test_files) if test_files[0].is_file() else None
     return RawDataset(class_names, load(train_files), test)
@@ -135,36 +135,21 @@ def _read_split(
         count = 0
         for path in files:
             try:
-                with Image.open(path) as image:
-                    pixels = _to_rgb_array(image, image_size)
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+                pixels = decode_image(path)
+            except BadImage as exc:
                 if on_bad_image == "fail":
                     raise PipelineError(
-                        f"{path}: not a readable image ({exc.__class__.__name__}); remove it, "
-                        "or set preprocess.on_bad_image: skip to leave such files out"
+                        f"{exc}; remove it, or set preprocess.on_bad_image: skip to leave such "
+                        "files out"
                     ) from None
                 skipped.append(str(path))
                 continue
-            images.append(pixels)
+            images.append(resize_images(pixels[None], image_size)[0])
             labels.append(label)
             count += 1
         if count == 0:
             raise PipelineError(f"{class_dir}: class folder has no readable images")
     return Split(np.stack(images), np.asarray(labels, dtype=np.int64))
-
-
-def _to_rgb_array(image: Image.Image, image_size: int) -> np.ndarray:
-    # convert() handles grayscale, palette, CMYK and alpha alike
-    image = image.convert("RGB")
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def _resize_all(images: np.ndarray, image_size: int) -> np.ndarray:
-    if images.shape[1:3] == (image_size, image_size):
-        return np.ascontiguousarray(images)
-    return np.stack([_to_rgb_array(Image.fromarray(image), image_size) for image in images])
 
 
 # --- Splitting and statistics ---------------------------------------------------------------

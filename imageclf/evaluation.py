@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+from imageclf.augment import shift
+
 
 def predict(
     model: keras.Model, images: np.ndarray, batch_size: int, tta: str = "none"
@@ -27,14 +29,6 @@ def predict(
         shifted = [with_mirror(shift(images, d, d)) for d in (-1, 1)]
         probabilities = (probabilities + (shifted[0] + shifted[1]) / 2) / 2
     return probabilities
-
-
-def shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """`images` moved by (dy, dx) pixels, the edge filled by reflection as augment does."""
-    pad = max(abs(dy), abs(dx))
-    height, width = images.shape[1:3]
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    return padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width]
 
 
 def summarize(labels: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> dict:

@@ -12,6 +12,7 @@ import numpy as np
 from keras import layers
 
 from imageclf.errors import PipelineError
+from imageclf.images import resize_layer
 from imageclf.params import ARCHITECTURES, BACKBONES, OWN_ARCHITECTURES, ModelParams
 
 WHITENING_SAMPLE = 5000  # training images whose 2x2 patches set fastnet's whitening stem
@@ -30,7 +31,7 @@ def build_model(
     size = params.input_size or meta["image_size"]
     pretrained = params.weights != "none"
     inputs = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    x = layers.Resizing(size, size, name="resize")(inputs)
+    x = resize_layer(size)(inputs)
     if params.arch in BACKBONES:
         mode = APPLICATIONS[params.arch][1]
         if mode is not None:  # EfficientNet rescales and normalizes inside the backbone
@@ -141,10 +142,11 @@ def transfer_weights(path: Path, model: keras.Model) -> None:
         head.set_weights(source_head.get_weights())
 
 
-def unfreeze_top(model: keras.Model, unfreeze: int | float) -> int | None:
-    """Make the top of a frozen (pretrained) backbone trainable for fine-tuning: `unfreeze`
-    layers with weights, or that fraction of them; BatchNorm layers stay frozen. Returns the
-    number unfrozen, or None when the backbone was trained from scratch (all of it trains)."""
+def unfreeze_top(model: keras.Model, unfreeze: int | str) -> int | None:
+    """Make the top of a frozen (pretrained) backbone trainable for fine-tuning: "all" layers
+    with weights, a number of them, or a percentage ("30%"); BatchNorm layers stay frozen.
+    Returns the number unfrozen, or None when the backbone was trained from scratch (all of it
+    trains)."""
     backbone = model.get_layer("backbone")
     if backbone.trainable:
         return None
@@ -153,8 +155,12 @@ def unfreeze_top(model: keras.Model, unfreeze: int | float) -> int | None:
         for layer in backbone.layers
         if layer.weights and not isinstance(layer, layers.BatchNormalization)
     ]
-    count = round(unfreeze * len(candidates)) if isinstance(unfreeze, float) else unfreeze
-    count = min(count, len(candidates))
+    if unfreeze == "all":
+        count = len(candidates)
+    elif isinstance(unfreeze, str):
+        count = round(float(unfreeze.removesuffix("%")) / 100 * len(candidates))
+    else:
+        count = min(unfreeze, len(candidates))
     top = set(map(id, candidates[len(candidates) - count :]))
     backbone.trainable = True
     for layer in backbone.layers:

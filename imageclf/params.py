@@ -14,6 +14,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from imageclf.errors import PipelineError
@@ -24,6 +25,10 @@ from imageclf.errors import PipelineError
 OWN_ARCHITECTURES = ("fastnet", "baseline")
 BACKBONES = ("mobilenet_v2", "efficientnet_b0", "resnet50")
 ARCHITECTURES = OWN_ARCHITECTURES + BACKBONES
+# Weights files named in model.weights live here: the train stage depends on this folder in
+# dvc.yaml, so DVC reruns training when a weights file in it changes.
+PRETRAINED_DIR = "pretrained"
+CHECKSUM_LENGTHS = {"md5": 32, "sha256": 64}  # hex digits of each supported digest
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -41,6 +46,17 @@ class DataParams(Section):
     checksum: str | None
     image_size: Annotated[int, Field(ge=8, le=1024)]
 
+    @field_validator("checksum")
+    @classmethod
+    def algorithm_and_hex_digest(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        algorithm, _, digest = value.partition(":")
+        length = CHECKSUM_LENGTHS.get(algorithm)
+        if length is None or len(digest) != length or not re.fullmatch(r"[0-9a-fA-F]+", digest):
+            raise ValueError("expected 'md5:<32 hex digits>', 'sha256:<64 hex digits>' or null")
+        return value
+
 
 class PreprocessParams(Section):
     val_fraction: Fraction
@@ -52,7 +68,7 @@ class AugmentParams(Section):
     copies: Annotated[int, Field(ge=1, le=100)]
     translate: Annotated[int, Field(ge=0, le=16)]
     flip: Literal["alternate", "random", "none"]
-    cutout: Annotated[int, Field(ge=0)]
+    cutout: Annotated[int, Field(ge=0, le=1024)]  # at most data.image_size, checked in Params
 
 
 class ModelParams(Section):
@@ -72,12 +88,20 @@ class ModelParams(Section):
 
     @field_validator("weights")
     @classmethod
-    def imagenet_needs_a_backbone(cls, value: str, info: ValidationInfo) -> str:
+    def known_source_of_weights(cls, value: str, info: ValidationInfo) -> str:
         arch = info.data.get("arch")
         if value == "imagenet" and arch in OWN_ARCHITECTURES:
             raise ValueError(
                 f"needs a Keras application backbone as model.arch ({', '.join(BACKBONES)}), "
                 f"not {arch!r}"
+            )
+        path = Path(value)
+        if value not in ("none", "imagenet") and (
+            path.is_absolute() or path.parts[:1] != (PRETRAINED_DIR,) or ".." in path.parts
+        ):
+            raise ValueError(
+                f"a weights file must be inside {PRETRAINED_DIR}/, so that DVC notices when it "
+                f"changes: copy it there and write {PRETRAINED_DIR}/{path.name}"
             )
         return value
 
@@ -102,20 +126,38 @@ class TrainParams(Section):
             raise ValueError("must be auto, true or false")
         return value
 
+    @field_validator("warmup_epochs")
+    @classmethod
+    def warmup_ends_before_training(cls, value: float, info: ValidationInfo) -> float:
+        epochs = info.data.get("epochs")
+        if value and epochs is not None and value >= epochs:
+            raise ValueError(
+                f"must be less than train.epochs ({epochs}): the learning rate would never "
+                "decay. Lower it, or set 0 for no warmup"
+            )
+        return value
+
 
 class FinetuneParams(Section):
     epochs: Annotated[int, Field(ge=1)]
     lr: PositiveFloat
-    # pretrained backbones: how many of the top layers to unfreeze, as a count of layers with
-    # weights (an integer) or a fraction of them (a float in (0, 1])
-    unfreeze: int | float
+    # pretrained backbones: which of the backbone's top layers with weights to unfreeze: "all",
+    # a count of layers (an integer), or a share of them as a percentage string ("30%")
+    unfreeze: int | str
 
     @field_validator("unfreeze", mode="before")
     @classmethod
-    def count_or_fraction(cls, value: object) -> object:
-        is_count = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        if not is_count and not (isinstance(value, float) and 0 < value <= 1):
-            raise ValueError("must be a count of layers (an integer >= 0) or a fraction in (0, 1]")
+    def all_count_or_percentage(cls, value: object) -> object:
+        rule = 'must be all, a number of layers (an integer >= 0) or a percentage such as "30%"'
+        if isinstance(value, float):
+            # 1 and 1.0 meant one layer and all layers: a float is refused, with what to write
+            raise ValueError(f"{rule}; for the share {value:g}, write {value * 100:g}%")
+        if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+            raise ValueError(rule)
+        if isinstance(value, str) and value != "all":
+            match = re.fullmatch(r"(\d+(?:\.\d+)?)%", value)
+            if not match or not 0 < float(match.group(1)) <= 100:
+                raise ValueError(rule)
         return value
 
 
@@ -134,6 +176,15 @@ class Params(Section):
     train: TrainParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
+
+    @model_validator(mode="after")
+    def cutout_fits_the_image(self) -> Params:
+        if self.augment.cutout > self.data.image_size:
+            raise ValueError(
+                f"augment.cutout = {self.augment.cutout}: must be at most data.image_size "
+                f"({self.data.image_size}); a larger square blanks the whole image"
+            )
+        return self
 
 
 # YAML 1.1 (PyYAML) reads 1e-3 as a string, because it lacks a dot; users mean 0.001.
@@ -177,6 +228,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in error["loc"])
+    if not key:  # a rule across sections names its keys itself
+        return "  " + error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"  {key}: missing (required)"
     if error["type"] == "extra_forbidden":

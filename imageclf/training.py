@@ -1,25 +1,32 @@
 """Training shared by the train and finetune stages: hardware setup, the augmented data
-stream, optimizer and schedule, resumable `fit` with DVCLive curves."""
+stream, optimizer and schedule, resumable `fit` with DVCLive curves, and the stage itself
+(`run_training_stage`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+import yaml
 from dvclive import Live
 from dvclive.keras import DVCLiveCallback
 
-from imageclf.datasets import Split
-from imageclf.fileio import write_text
-from imageclf.params import TrainParams
+from imageclf import paths
+from imageclf.augment import copy_paths
+from imageclf.datasets import Split, load_meta, load_split
+from imageclf.errors import PipelineError
+from imageclf.fileio import atomic_path, write_json, write_text
+from imageclf.params import Params, TrainParams
 
 
 def configure_runtime(params: TrainParams, seed: int) -> tf.distribute.Strategy:
@@ -61,6 +68,15 @@ def compile_model(
         optimizer = keras.optimizers.AdamW(schedule, weight_decay=params.weight_decay)
     # decaying BatchNorm shifts/scales and biases only hurts; decay the kernels
     optimizer.exclude_from_weight_decay(var_names=["_bn", "bias", "beta", "gamma"])
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if params.jit_compile is True and replicas > 1:
+        # Keras 3 compiles the whole distributed step, whose variables sit on several
+        # devices: XLA refuses it. With "auto" Keras turns XLA off under tf.distribute.
+        raise PipelineError(
+            f"train.jit_compile = true: XLA does not compile Keras' training step under "
+            f"tf.distribute ({replicas} replicas); set train.jit_compile: auto (XLA off with "
+            "several devices, on with one GPU) or train.distribute: none"
+        )
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing),
@@ -97,24 +113,52 @@ def epoch_stream(
             yield images[batch], one_hot[labels[batch]]
 
 
-def backup_epoch(backup_dir: Path, model: keras.Model) -> int:
-    """The epoch a killed run reached, or 0; a corrupt backup is dropped with a warning."""
-    metadata = backup_dir / "training_metadata.json"
-    if not metadata.exists():
-        return 0
-    try:
-        epoch = int(json.loads(metadata.read_text())["epoch"])
-        model.optimizer.build(model.trainable_variables)
-        model.load_weights(backup_dir / "latest.weights.h5")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        warnings.warn(
-            f"{backup_dir}: checkpoint unreadable ({exc.__class__.__name__}: {exc}); "
-            "starting over from epoch 0",
-            stacklevel=2,
+def run_training_stage(
+    stage: str,
+    params: Params,
+    make_model: Callable[[dict, np.ndarray], keras.Model],
+    *,
+    peak_lr: float,
+    epochs: int,
+    warmup_epochs: float,
+    first_step: int,
+    model_path: Path,
+) -> None:
+    """What the train and finetune stages share: set up the runtime, make the model in the
+    strategy's scope (`make_model(meta, train_images)`), compile it with a warmup + cosine
+    schedule, `fit` it resumably, and save the model, `metrics/<stage>.json` (the last epoch's
+    figures and the wall time) and the curves `plots/<stage>.tsv`."""
+    strategy = configure_runtime(params.train, params.seed)
+    fingerprint = stage_fingerprint(stage)
+    meta = load_meta(paths.PREPARED)
+    train, val = load_split(paths.PREPARED, "train"), load_split(paths.PREPARED, "val")
+    copies = copy_paths(paths.AUGMENTED)
+    steps = steps_per_epoch(len(train.labels), params.train.batch_size)
+    with strategy.scope():
+        model = make_model(meta, train.images)
+        compile_model(
+            model,
+            params.train,
+            peak_lr,
+            total_steps=steps * epochs,
+            warmup_steps=round(warmup_epochs * steps),
         )
-        shutil.rmtree(backup_dir)
-        return 0
-    return epoch
+    logs, seconds = fit(
+        model,
+        copies,
+        train,
+        val,
+        params=params.train,
+        epochs=epochs,
+        seed=params.seed,
+        work_dir=paths.CHECKPOINTS / stage,
+        curves_path=paths.PLOTS / f"{stage}.tsv",
+        fingerprint=fingerprint,
+        first_step=first_step,
+    )
+    with atomic_path(model_path) as tmp:
+        model.save(tmp)
+    write_json(paths.METRICS / f"{stage}.json", {**logs, "seconds": round(seconds, 1)})
 
 
 def fit(
@@ -128,9 +172,11 @@ def fit(
     seed: int,
     work_dir: Path,
     curves_path: Path,
+    fingerprint: str,
     first_step: int = 0,
 ) -> tuple[dict[str, float], float]:
-    """Train `epochs` epochs, resuming from the checkpoint in `work_dir` if a run was killed.
+    """Train `epochs` epochs, resuming from the checkpoint in `work_dir` if a run with the same
+    `fingerprint` (what the run depends on) was killed; another run's checkpoint is discarded.
 
     DVCLive logs the curves in `work_dir` next to the checkpoint, so that a resumed run
     continues them; once training is done they are merged into one table at `curves_path`
@@ -139,54 +185,169 @@ def fit(
     in seconds.
     """
     start = time.perf_counter()
-    backup_dir, live_work_dir = work_dir / "backup", work_dir / "live"
-    num_classes = model.output_shape[-1]
-    initial_epoch = backup_epoch(backup_dir, model)
+    checkpoint = EpochCheckpoint(work_dir / "backup", fingerprint)
+    initial_epoch = checkpoint.restore(model)
     if initial_epoch:
-        print(f"Resuming from epoch {initial_epoch} of {epochs} (checkpoint in {backup_dir})")
-    batch_shape = (None, *train.images.shape[1:])
-    dataset = tf.data.Dataset.from_generator(
-        lambda: epoch_stream(
-            copies,
-            train.labels,
-            num_classes,
-            params.batch_size,
-            seed,
-            range(initial_epoch, epochs),
-            copy_offset=first_step,
-        ),
-        output_signature=(
-            tf.TensorSpec(batch_shape, tf.uint8),
-            tf.TensorSpec((None, num_classes), tf.float32),
-        ),
-    ).prefetch(2)
-    live = Live(
-        dir=str(live_work_dir),
-        dvcyaml=None,
-        save_dvc_exp=False,
-        report=None,
-        resume=initial_epoch > 0,
-    )
-    live.step = first_step + initial_epoch
+        print(
+            f"Resuming from epoch {initial_epoch} of {epochs} (checkpoint in {checkpoint.folder})"
+        )
+    live = _live(work_dir / "live", first_step + initial_epoch)
+    num_classes = model.output_shape[-1]
     history = model.fit(
-        dataset,
+        _batches(
+            copies, train, num_classes, params.batch_size, seed, epochs, initial_epoch, first_step
+        ),
+        initial_epoch=initial_epoch,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch(len(train.labels), params.batch_size),
         validation_data=(val.images, np.eye(num_classes, dtype=np.float32)[val.labels]),
         validation_batch_size=max(params.batch_size, 1000),
-        callbacks=[
-            LearningRateLogger(),
-            # DVCLive before the backup: the curves are never behind the checkpoint
-            DVCLiveCallback(live=live),
-            keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
-        ],
+        # the curves are written before the checkpoint; a resumed run drops what is logged
+        # after it (`_live`), so every epoch appears once
+        callbacks=[LearningRateLogger(), DVCLiveCallback(live=live), checkpoint],
         shuffle=False,  # the stream is already shuffled, per epoch and seeded
         verbose=2,
     )
     last = {key: float(values[-1]) for key, values in history.history.items()}
-    write_text(curves_path, curves_table(live_work_dir).to_csv(sep="\t", index=False))
+    write_text(curves_path, curves_table(Path(live.dir)).to_csv(sep="\t", index=False))
     shutil.rmtree(work_dir)
     return last, time.perf_counter() - start
+
+
+def _batches(
+    copies: Sequence[Path],
+    train: Split,
+    num_classes: int,
+    batch_size: int,
+    seed: int,
+    epochs: int,
+    initial_epoch: int,
+    copy_offset: int,
+) -> tf.data.Dataset:
+    """`epoch_stream` from `initial_epoch` on, as a prefetching tf.data pipeline."""
+    return tf.data.Dataset.from_generator(
+        lambda: epoch_stream(
+            copies,
+            train.labels,
+            num_classes,
+            batch_size,
+            seed,
+            range(initial_epoch, epochs),
+            copy_offset=copy_offset,
+        ),
+        output_signature=(
+            tf.TensorSpec((None, *train.images.shape[1:]), tf.uint8),
+            tf.TensorSpec((None, num_classes), tf.float32),
+        ),
+    ).prefetch(2)
+
+
+def _live(live_dir: Path, next_step: int) -> Live:
+    """DVCLive logging to `live_dir`, continuing its curves at `next_step` (0: afresh)."""
+    if next_step == 0 or not live_dir.is_dir():
+        shutil.rmtree(live_dir, ignore_errors=True)
+    else:
+        # a run killed between logging an epoch and checkpointing it logged rows that the
+        # resumed run is about to log again
+        for series in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+            table = pd.read_csv(series, sep="\t")
+            write_text(series, table[table["step"] < next_step].to_csv(sep="\t", index=False))
+    live = Live(
+        dir=str(live_dir),
+        dvcyaml=None,
+        save_dvc_exp=False,
+        report=None,
+        resume=next_step > 0,
+    )
+    live.step = next_step
+    return live
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves the training state (weights and optimizer) after every epoch, for resuming a
+    killed run, and restores it only into the run it belongs to.
+
+    Unlike `keras.callbacks.BackupAndRestore`, which writes the weights and the epoch number as
+    two files one after the other (a kill between them resumes the wrong epoch), each epoch's
+    state is one file, `epoch-NNNN.weights.h5`, renamed into place once complete; the two
+    latest are kept, so that an unreadable last file falls back to the one before. The
+    folder also holds the `fingerprint` of the run that wrote it.
+    """
+
+    KEEP = 2
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        super().__init__()
+        self.folder = folder
+        self.fingerprint = fingerprint
+
+    def restore(self, model: keras.Model) -> int:
+        """Load the latest readable state of this run into `model`; returns its epoch, or 0
+        (after discarding the folder) when there is none or it belongs to another run."""
+        stored = self.folder / "fingerprint"
+        if self.folder.exists() and (
+            not stored.is_file() or stored.read_text().strip() != self.fingerprint
+        ):
+            print(
+                f"{self.folder}: the checkpoint belongs to a run with other params, data or "
+                "code; starting over from epoch 0"
+            )
+            shutil.rmtree(self.folder)
+        if not self.folder.exists():
+            self.folder.mkdir(parents=True)
+            write_text(stored, self.fingerprint + "\n")
+            return 0
+        model.optimizer.build(model.trainable_variables)
+        saved = sorted(self.folder.glob("epoch-*.weights.h5"), reverse=True)
+        for path in saved:
+            try:
+                model.load_weights(path)
+                return int(path.name.split(".")[0].removeprefix("epoch-"))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                warnings.warn(
+                    f"{path}: checkpoint unreadable ({exc.__class__.__name__}: {exc}); "
+                    "trying the one before",
+                    stacklevel=2,
+                )
+                path.unlink()
+        if saved:
+            warnings.warn(f"{self.folder}: no readable checkpoint; starting over", stacklevel=2)
+        return 0
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        # Keras needs the ".weights.h5" ending; same folder, so the rename is atomic
+        partial = self.folder / ".partial.weights.h5"
+        self.model.save_weights(partial, overwrite=True)
+        os.replace(partial, self.folder / f"epoch-{epoch + 1:04d}.weights.h5")
+        for old in sorted(self.folder.glob("epoch-*.weights.h5"))[: -self.KEEP]:
+            old.unlink()
+
+
+def stage_fingerprint(
+    stage: str, dvc_file: Path = Path("dvc.yaml"), params_file: Path = Path("params.yaml")
+) -> str:
+    """What a run of `stage` depends on, as dvc.yaml declares it: the values of its params
+    and the contents of its deps (files, and every file in a folder). Two runs with the same
+    fingerprint compute the same thing, so one may resume the other's checkpoint."""
+    spec = yaml.safe_load(dvc_file.read_text())["stages"][stage]
+    values = yaml.safe_load(params_file.read_text())
+    digest = hashlib.sha256()
+    for key in spec.get("params", []):
+        value = values
+        for part in str(key).split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        digest.update(f"param {key} = {json.dumps(value, sort_keys=True)}\n".encode())
+    for dep in spec.get("deps", []):
+        root = Path(dep)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for path in files:
+            if path.is_file():
+                with path.open("rb") as file:
+                    content = hashlib.file_digest(file, "md5").hexdigest()
+            else:
+                content = "missing"
+            digest.update(f"dep {path} {content}\n".encode())
+    return digest.hexdigest()
 
 
 def curves_table(live_dir: Path) -> pd.DataFrame:

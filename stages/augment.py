@@ -1,10 +1,9 @@
 """Stage augment: write `augment.copies` seeded augmented copies of the training split
 (translation, flip, optional cutout) to data/augmented, and a preview grid to plots/."""
 
-from pathlib import Path
-
 import numpy as np
 
+from imageclf import paths
 from imageclf.augment import write_copies
 from imageclf.datasets import load_meta, load_split
 from imageclf.errors import run_stage
@@ -17,10 +16,10 @@ PREVIEW_IMAGES = 6
 def main() -> None:
     params = load_params()
     aug = params.augment
-    train = load_split(Path("data/prepared"), "train")
-    class_names = load_meta(Path("data/prepared"))["class_names"]
-    paths = write_copies(
-        Path("data/augmented"),
+    train = load_split(paths.PREPARED, "train")
+    class_names = load_meta(paths.PREPARED)["class_names"]
+    copy_files = write_copies(
+        paths.AUGMENTED,
         train.images,
         aug.copies,
         params.seed,
@@ -31,7 +30,7 @@ def main() -> None:
 
     # preview: each row one training image, original first, then its first augmented copies
     shown = min(aug.copies, 7)
-    copies = [np.load(path, mmap_mode="r") for path in paths[:shown]]
+    copies = [np.load(path, mmap_mode="r") for path in copy_files[:shown]]
     picks = np.random.default_rng(params.seed).choice(
         len(train.labels), PREVIEW_IMAGES, replace=False
     )
@@ -45,7 +44,7 @@ def main() -> None:
     image_grid(
         np.stack(images),
         captions,
-        Path("plots/augment_samples.png"),
+        paths.PLOTS / "augment_samples.png",
         "Augmented training images (seeded; one copy per epoch)",
         columns=shown + 1,
     )

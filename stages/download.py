@@ -1,8 +1,7 @@
 """Stage download: fetch `data.source` (URL, file:// URL or local path; archive or folder),
 verify `data.checksum`, and extract it to data/raw."""
 
-from pathlib import Path
-
+from imageclf import paths
 from imageclf.download import fetch_dataset
 from imageclf.errors import run_stage
 from imageclf.params import load_params
@@ -10,7 +9,7 @@ from imageclf.params import load_params
 
 def main() -> None:
     params = load_params()
-    fetch_dataset(params.data.source, Path("data/raw"), params.data.checksum)
+    fetch_dataset(params.data.source, paths.RAW, params.data.checksum)
 
 
 if __name__ == "__main__":

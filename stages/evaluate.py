@@ -2,9 +2,7 @@
 (accuracy, macro precision/recall/F1, per class) and the plots: confusion matrix (DVC data and
 heatmap), per-class scores, and the most confidently misclassified test images."""
 
-from pathlib import Path
-
-from imageclf import evaluation
+from imageclf import evaluation, paths
 from imageclf.datasets import load_split
 from imageclf.errors import run_stage
 from imageclf.fileio import write_json, write_text
@@ -15,19 +13,19 @@ from imageclf.plots import confusion_heatmap, image_grid, per_class_bars
 
 def main() -> None:
     params = load_params()
-    model = load_model("models/finetuned.keras")
+    model = load_model(paths.FINETUNED)
     names = class_names(model)
-    test = load_split(Path("data/prepared"), "test")
+    test = load_split(paths.PREPARED, "test")
 
     probabilities = evaluation.predict(
         model, test.images, params.evaluate.batch_size, params.evaluate.tta
     )
     predicted = probabilities.argmax(axis=1)
     summary = evaluation.summarize(test.labels, predicted, names)
-    write_json("metrics/eval.json", summary)
+    write_json(paths.EVAL_METRICS, summary)
     print({key: summary[key] for key in ("accuracy", "precision", "recall", "f1")})
 
-    plots = Path("plots")
+    plots = paths.PLOTS
     pairs = evaluation.confusion_pairs(test.labels, predicted, names)
     write_text(plots / "confusion.csv", pairs.to_csv(index=False))
     counts = evaluation.confusion_counts(test.labels, predicted, len(names))

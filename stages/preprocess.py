@@ -2,8 +2,7 @@
 stratified validation split (and a test split when the dataset has none), and store the splits
 with the training split's per-channel statistics in data/prepared."""
 
-from pathlib import Path
-
+from imageclf import paths
 from imageclf.datasets import prepare_splits, read_dataset, save_prepared
 from imageclf.errors import run_stage
 from imageclf.params import load_params
@@ -11,11 +10,11 @@ from imageclf.params import load_params
 
 def main() -> None:
     params = load_params()
-    dataset = read_dataset(Path("data/raw"), params.data.image_size, params.preprocess.on_bad_image)
+    dataset = read_dataset(paths.RAW, params.data.image_size, params.preprocess.on_bad_image)
     splits = prepare_splits(
         dataset, params.preprocess.val_fraction, params.preprocess.test_fraction, params.seed
     )
-    meta = save_prepared(Path("data/prepared"), splits, dataset.class_names, dataset.skipped)
+    meta = save_prepared(paths.PREPARED, splits, dataset.class_names, dataset.skipped)
     for name, counts in meta["counts"].items():
         print(f"{name}: {sum(counts.values())} images, per class: {counts}")
     if dataset.skipped:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real HTTP server on 127.0.0.1."""
+"""Shared fixtures: a real HTTP server on 127.0.0.1, and one tiny finished pipeline repository
+with its trained model, built once per test session."""
 
 from __future__ import annotations
 
@@ -34,3 +35,29 @@ def http_server() -> Iterator[Callable[..., str]]:
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def finished_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny repository, built once per test session: every stage run by `dvc repro` and
+    committed. Read it freely; to change anything, take a `repo` copy instead."""
+    from tests.repos import commit_all, local_repo, run
+
+    repo = local_repo(tmp_path_factory.mktemp("finished"))
+    run(repo, "dvc", "repro")
+    commit_all(repo, "first run")
+    return repo
+
+
+@pytest.fixture
+def repo(finished_repo: Path, tmp_path: Path) -> Path:
+    """A private copy of `finished_repo` (work tree, git history and DVC cache)."""
+    from tests.repos import copy_repo
+
+    return copy_repo(finished_repo, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(finished_repo: Path) -> Path:
+    """The finetuned model of `finished_repo` (3 colour classes, 16x16 images): read only."""
+    return finished_repo / "models" / "finetuned.keras"

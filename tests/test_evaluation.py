@@ -3,7 +3,8 @@
 import keras
 import numpy as np
 
-from imageclf.evaluation import predict, shift
+from imageclf.augment import shift
+from imageclf.evaluation import predict
 
 
 def column_model(width: int) -> keras.Model:

@@ -1,0 +1,86 @@
+"""Image files to pixels, the one way the whole project does it: preprocess (training data),
+`imageclf predict`, the exported formats' checks and the web service all decode here, and resize
+with the same operation as the model's own resize layer, so one photo gives one answer everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imageclf.errors import PipelineError
+
+# Pixels (width x height) above which a file is refused before it is decoded: a small PNG can
+# unpack to gigabytes (a "decompression bomb"). 40 megapixels passes any phone photo.
+DEFAULT_MAX_PIXELS = 40_000_000
+# The check in `decode_image` replaces Pillow's process-wide guard, so that the limit can be
+# set per call (and raised above Pillow's fixed 89 megapixels when a user asks for it).
+Image.MAX_IMAGE_PIXELS = None
+
+# what Pillow raises on files that are not images, truncated or otherwise corrupt
+_UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
+
+
+class BadImage(PipelineError):
+    """A file or upload that is not a readable image, or is over the pixel limit."""
+
+
+def decode_image(
+    source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> np.ndarray:
+    """Decode an image file (any format Pillow reads; the first frame of an animation) to
+    uint8 RGB pixels, H x W x 3, upright as its EXIF orientation says.
+
+    Grayscale, palette, CMYK and alpha images are converted to RGB (alpha dropped).
+
+    Args:
+        source: the file's path, or its bytes (an upload).
+        max_pixels: refuse images with more pixels than this, before decoding them.
+        name: what error messages call the image (default: its path, or "image").
+
+    Raises:
+        BadImage: naming the image and what is wrong with it.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "image")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadImage(
+                    f"{label}: {width} x {height} = {width * height:,} pixels, over the limit "
+                    f"of {max_pixels:,}; shrink the image, or raise the limit (--max-pixels)"
+                )
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise BadImage(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise BadImage(f"{label}: is a folder, not an image file") from None
+    except _UNREADABLE as exc:
+        reason = str(exc) or exc.__class__.__name__
+        raise BadImage(f"{label}: not a readable image ({reason})") from None
+
+
+def resize_images(images: np.ndarray, size: int, chunk: int = 1000) -> np.ndarray:
+    """`images` (uint8, N x H x W x 3) resized to `size` x `size` by the operation the model's
+    "resize" layer applies (bilinear with antialiasing), rounded back to uint8."""
+    if images.shape[1:3] == (size, size):
+        return np.ascontiguousarray(images)
+    resize = resize_layer(size)
+    parts = [
+        np.clip(np.rint(np.asarray(resize(images[i : i + chunk].astype(np.float32)))), 0, 255)
+        for i in range(0, len(images), chunk)
+    ]
+    return np.concatenate(parts).astype(np.uint8)
+
+
+def resize_layer(size: int, name: str = "resize"):
+    """The Keras layer that resizes images inside every model, and in preprocess: bilinear with
+    antialiasing, so that photos much larger than the model's input are not aliased. On images
+    already `size` x `size` it is the identity."""
+    # imported here: reading a dataset that needs no resizing should not load TensorFlow
+    import keras
+
+    return keras.layers.Resizing(size, size, antialias=True, name=name)
