@@ -46,10 +46,19 @@ def make_repo(root: Path, source: str, checksum: str | None) -> Path:
     """A fresh git + DVC repository with the project's pipeline and tiny-data params."""
     repo = root / "repo"
     repo.mkdir()
+    run(repo, "git", "init", "-q")
+    run(repo, "git", "config", "user.email", "test@example.com")
+    run(repo, "git", "config", "user.name", "test")
+    run(repo, "dvc", "init", "-q")  # before the copy: it would replace .dvc/plots
     for name in PIPELINE_FILES:
         source_path = PROJECT / name
         if source_path.is_dir():
-            shutil.copytree(source_path, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(
+                source_path,
+                repo / name,
+                ignore=shutil.ignore_patterns("__pycache__"),
+                dirs_exist_ok=True,
+            )
         elif source_path.is_file():
             shutil.copy(source_path, repo / name)
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
@@ -61,11 +70,6 @@ def make_repo(root: Path, source: str, checksum: str | None) -> Path:
     params["finetune"]["epochs"] = 1
     params["evaluate"]["misclassified"] = 6
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(repo, "git", "init", "-q")
-    run(repo, "git", "config", "user.email", "test@example.com")
-    run(repo, "git", "config", "user.name", "test")
-    # .dvc/ may exist already: it holds the project's custom plot templates
-    run(repo, "dvc", "init", "-q", "--force")
     commit_all(repo, "pipeline")
     return repo
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,42 +16,25 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from imageclf.errors import PipelineError
 from imageclf.fileio import atomic_path
-from imageclf.models import build_model
+from imageclf.models import build_model, load_model
 from imageclf.params import ModelParams
+from imageclf.training import EpochCheckpoint, stage_fingerprint
 from tests import synthetic
-from tests.test_pipeline import STAGES, make_repo, ran_stages, run, venv_env
+from tests.repos import PROJECT, ran_stages, run, set_params, venv_env
 
 
-def set_params(repo: Path, **changes: object) -> None:
-    """`set_params(repo, **{"train.epochs": 3})`: edit params.yaml like `dvc exp run -S`."""
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for key, value in changes.items():
-        section, _, name = key.partition(".")
-        if name:
-            params[section][name] = value
-        else:
-            params[section] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def local_repo(tmp_path: Path) -> Path:
-    dataset = synthetic.image_folders(tmp_path / "shapes", per_class=30, test_per_class=8)
-    return make_repo(tmp_path, str(dataset), None)
-
-
-def test_training_killed_mid_way_resumes_from_the_last_epoch(tmp_path: Path) -> None:
-    repo = local_repo(tmp_path)
-    set_params(repo, **{"train.epochs": 30})
-    run(repo, "dvc", "repro", "augment")
-    metadata = repo / "checkpoints" / "train" / "backup" / "training_metadata.json"
+def train_killed_mid_way(repo: Path, at_epoch: int) -> int:
+    """Start `dvc repro -f -s train`, SIGKILL it once epoch `at_epoch` is checkpointed;
+    returns the epoch of the last checkpoint it left."""
+    backup = repo / "checkpoints" / "train" / "backup"
     process = subprocess.Popen(
-        ["dvc", "repro", "train"],
+        ["dvc", "repro", "-f", "-s", "train"],
         cwd=repo,
         env=venv_env(),
         start_new_session=True,
@@ -59,80 +43,159 @@ def test_training_killed_mid_way_resumes_from_the_last_epoch(tmp_path: Path) -> 
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
-        if metadata.exists() and json.loads(metadata.read_text() or "{}").get("epoch", 0) >= 3:
+        if checkpointed_epoch(backup) >= at_epoch:
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     assert process.poll() is None, "training ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = json.loads(metadata.read_text())["epoch"]
-    assert 3 <= killed_at < 30
-    assert not (repo / "models" / "model.keras").exists()
+    return checkpointed_epoch(backup)
 
-    rerun = run(repo, "dvc", "repro")
-    assert "Resuming from epoch" in rerun.stdout
-    resumed_at = int(rerun.stdout.split("Resuming from epoch ")[1].split()[0])
-    assert killed_at <= resumed_at < 30
-    assert ran_stages(rerun.stdout) == ["train", "finetune", "evaluate"]
-    assert (repo / "models" / "model.keras").exists()
+
+def checkpointed_epoch(backup: Path) -> int:
+    epochs = (
+        [int(p.name[6:10]) for p in backup.glob("epoch-*.weights.h5")] if backup.is_dir() else []
+    )
+    return max(epochs, default=0)
+
+
+def curve_steps(repo: Path, stage: str = "train") -> list[int]:
+    rows = (repo / "plots" / f"{stage}.tsv").read_text().splitlines()[1:]
+    return [int(row.split("\t")[0]) for row in rows]
+
+
+def model_weights(path: Path) -> list[np.ndarray]:
+    return [np.asarray(w) for w in load_model(path).weights]
+
+
+def without_time(path: Path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "seconds"}
+
+
+def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(repo: Path) -> None:
+    set_params(repo, **{"train.epochs": 12})
+    run(repo, "dvc", "repro", "train")  # uninterrupted, for reference
+    reference = model_weights(repo / "models" / "model.keras")
+    reference_curves = (repo / "plots" / "train.tsv").read_text()
+    reference_metrics = without_time(repo / "metrics" / "train.json")
+
+    killed_at = train_killed_mid_way(repo, at_epoch=4)
+    assert 4 <= killed_at < 12
+    assert not (repo / "models" / "model.keras").exists()  # DVC removed it before the rerun
+    rerun = run(repo, "dvc", "repro", "-f", "-s", "train")
+    assert f"Resuming from epoch {killed_at} of 12" in rerun.stdout
     assert not (repo / "checkpoints" / "train").exists()
-    # the curves tell one story: every epoch once, killed run and resumed run together
-    steps = [
-        int(line.split("\t")[0])
-        for line in (repo / "plots" / "train.tsv").read_text().splitlines()[1:]
-    ]
-    assert sorted(set(steps)) == list(range(30))
+    # the same model, metrics and curves as without the kill, every epoch exactly once
+    for got, expected in zip(model_weights(repo / "models" / "model.keras"), reference):
+        np.testing.assert_array_equal(got, expected)
+    assert without_time(repo / "metrics" / "train.json") == reference_metrics
+    assert curve_steps(repo) == list(range(12))
+    assert (repo / "plots" / "train.tsv").read_text() == reference_curves
 
 
-def test_corrupt_checkpoint_starts_over_with_a_warning(tmp_path: Path) -> None:
-    repo = local_repo(tmp_path)
-    run(repo, "dvc", "repro", "augment")
-    backup = repo / "checkpoints" / "train" / "backup"
-    backup.mkdir(parents=True)
-    (backup / "training_metadata.json").write_text('{"epoch": 1}')
-    (backup / "latest.weights.h5").write_bytes(b"not an HDF5 file")
-    result = run(repo, "dvc", "repro", "train")
-    assert "checkpoint unreadable" in result.stderr and "starting over" in result.stderr
-    assert "Resuming" not in result.stdout
-    assert (repo / "models" / "model.keras").exists()
+def test_killed_training_starts_over_when_a_param_changed(repo: Path) -> None:
+    set_params(repo, **{"train.epochs": 12})
+    killed_at = train_killed_mid_way(repo, at_epoch=4)
+    assert killed_at >= 4
+    # fewer epochs than the checkpoint reached, another learning rate: another run
+    set_params(repo, **{"train.epochs": 3, "train.lr": 0.5, "train.warmup_epochs": 0.5})
+    rerun = run(repo, "dvc", "repro")
+    assert "belongs to a run with other params, data or code; starting over" in rerun.stdout
+    assert "Resuming" not in rerun.stdout
+    assert curve_steps(repo) == [0, 1, 2]
+    assert {"accuracy", "val_accuracy", "lr"} <= set(
+        json.loads((repo / "metrics" / "train.json").read_text())
+    )
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["lr"] == 0.5
 
 
-def test_a_failing_stage_keeps_earlier_outputs_and_rerun_starts_there(tmp_path: Path) -> None:
-    repo = local_repo(tmp_path)
-    run(repo, "dvc", "repro", "augment")
+def test_checkpoint_of_another_run_or_unreadable_is_not_resumed(tmp_path: Path) -> None:
+    meta = {"image_size": 16, "mean": [0.0] * 3, "std": [1.0] * 3, "class_names": ["a", "b"]}
+    params = ModelParams(arch="fastnet", widths=[4, 8, 8], weights="none", input_size=None)
+    model = build_model(params, meta)
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    folder = tmp_path / "backup"
+    assert EpochCheckpoint(folder, "run A").restore(model) == 0  # nothing yet: a new folder
+    saved = [np.asarray(w) for w in model.weights]
+    model.save_weights(folder / "epoch-0001.weights.h5")
+    (folder / "epoch-0002.weights.h5").write_bytes(b"cut off by a kill")
+
+    other = build_model(params, meta)
+    other.compile(optimizer="sgd", loss="categorical_crossentropy")
+    with pytest.warns(UserWarning, match="epoch-0002.weights.h5: checkpoint unreadable"):
+        assert EpochCheckpoint(folder, "run A").restore(other) == 1  # the one before
+    for got, expected in zip(other.weights, saved):
+        np.testing.assert_array_equal(np.asarray(got), expected)
+    assert EpochCheckpoint(folder, "run B").restore(other) == 0
+    assert [p.name for p in folder.iterdir()] == ["fingerprint"]
+
+
+def test_fingerprint_follows_the_stage_params_and_deps_only(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(PROJECT / "dvc.yaml", "dvc.yaml")
+    shutil.copy(PROJECT / "params.yaml", "params.yaml")
+    Path("data/augmented").mkdir(parents=True)
+    Path("data/augmented/train_000.npy").write_bytes(b"copy 0")
+    first = stage_fingerprint("train")
+    set_params(tmp_path, **{"evaluate.tta": "none"})  # not a train param
+    assert stage_fingerprint("train") == first
+    set_params(tmp_path, **{"train.label_smoothing": 0.0})
+    changed_param = stage_fingerprint("train")
+    assert changed_param != first
+    Path("data/augmented/train_000.npy").write_bytes(b"copy 0, other seed")
+    assert stage_fingerprint("train") not in (first, changed_param)
+
+
+def test_failing_stage_under_dvc_repro_then_dvc_checkout_restores_the_last_good_outputs(
+    repo: Path,
+) -> None:
+    good_model = (repo / "models" / "model.keras").read_bytes()
     lock_before = (repo / "dvc.lock").read_text()
-    # an architecture the registry does not know: train must refuse before any work
+    # a weights file that is not there: train fails once it runs, after DVC removed its outputs
+    set_params(repo, **{"model.weights": "pretrained/missing.keras"})
+    failed = run(repo, "dvc", "repro", check=False)
+    assert failed.returncode != 0
+    assert "model.weights: pretrained/missing.keras does not exist" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert (repo / "dvc.lock").read_text() == lock_before
+    assert (repo / "data" / "augmented").is_dir() and (repo / "data" / "prepared").is_dir()
+    # DVC removed the stage's outputs before running it: the last good ones come back from
+    # the DVC cache (models, data) and from git (metrics and plots, `cache: false`)
+    set_params(repo, **{"model.weights": "none"})
+    run(repo, "dvc", "checkout")
+    run(repo, "git", "checkout", "--", "metrics", "plots")
+    assert (repo / "models" / "model.keras").read_bytes() == good_model
+    assert run(repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
+
+
+def test_bad_params_fail_with_their_key_and_once_fixed_nothing_retrains(repo: Path) -> None:
     set_params(repo, **{"model.arch": "resnet9000"})
     failed = run(repo, "dvc", "repro", check=False)
     assert failed.returncode != 0
     assert "model.arch = 'resnet9000': must be one of" in failed.stderr + failed.stdout
-    assert (repo / "dvc.lock").read_text() == lock_before
-    assert (repo / "data" / "augmented").is_dir() and (repo / "data" / "prepared").is_dir()
     set_params(repo, **{"model.arch": "fastnet"})
-    assert ran_stages(run(repo, "dvc", "repro").stdout) == ["train", "finetune", "evaluate"]
+    assert ran_stages(run(repo, "dvc", "repro").stdout) == []
 
 
-def test_same_params_same_metrics_other_seed_other_metrics(tmp_path: Path) -> None:
-    repo = local_repo(tmp_path)
+def test_same_params_same_results_other_seed_other_results(repo: Path) -> None:
+    before = {
+        name: without_time(repo / "metrics" / f"{name}.json")
+        for name in ("train", "finetune", "eval")
+    }
+    forced = run(repo, "dvc", "repro", "-f", "-s", "train")
+    assert ran_stages(forced.stdout) == ["train"]
     run(repo, "dvc", "repro")
-    first = (repo / "metrics" / "train.json").read_text()
-    run(repo, "dvc", "repro", "--force", "train")
-    again = (repo / "metrics" / "train.json").read_text()
-    without_time = lambda text: {k: v for k, v in json.loads(text).items() if k != "seconds"}  # noqa: E731
-    assert without_time(again) == without_time(first)
-    curve = (repo / "plots" / "train.tsv").read_text().splitlines()
-    assert len(curve) == 1 + 2  # header and the two epochs: a rerun starts its curves afresh
+    for name, metrics in before.items():
+        assert without_time(repo / "metrics" / f"{name}.json") == metrics, name
+    assert curve_steps(repo) == [0, 1]  # a rerun starts its curves afresh
     set_params(repo, seed=7)
     ran = ran_stages(run(repo, "dvc", "repro").stdout)
-    assert ran == list(STAGES[1:])  # every stage that draws random numbers, and evaluate
-    assert without_time((repo / "metrics" / "train.json").read_text()) != without_time(first)
+    assert ran == ["preprocess", "augment", "train", "finetune", "evaluate", "export"]
+    assert without_time(repo / "metrics" / "train.json") != before["train"]
 
 
-def test_outputs_deleted_by_hand_come_back_from_the_cache_without_retraining(
-    tmp_path: Path,
-) -> None:
-    repo = local_repo(tmp_path)
-    run(repo, "dvc", "repro")
+def test_outputs_deleted_by_hand_come_back_from_the_cache_without_retraining(repo: Path) -> None:
     deleted = {
         path: (repo / path).read_bytes()
         for path in (
@@ -184,10 +247,8 @@ def test_disk_full_while_saving_a_model_keeps_the_previous_file(tmp_path: Path) 
 
 
 def test_disk_full_while_writing_arrays_fails_the_stage_and_keeps_the_previous_data(
-    tmp_path: Path,
+    repo: Path,
 ) -> None:
-    repo = local_repo(tmp_path)
-    run(repo, "dvc", "repro", "preprocess")
     prepared = repo / "data" / "prepared"
     before = {path.name: path.read_bytes() for path in prepared.iterdir()}
     set_params(repo, seed=7)  # other splits: every array would change
@@ -226,13 +287,12 @@ class FlakyArchive(BaseHTTPRequestHandler):
 
 
 def test_download_cut_off_fails_the_stage_cleanly_and_a_rerun_succeeds(
-    tmp_path: Path, http_server
+    repo: Path, tmp_path: Path, http_server
 ) -> None:
-    repo = local_repo(tmp_path)
-    run(repo, "dvc", "repro", "preprocess")
     lock_before = (repo / "dvc.lock").read_text()
     FlakyArchive.archive = synthetic.tar_gz(
-        tmp_path / "shapes", tmp_path / "shapes.tar.gz"
+        tmp_path / "shapes",
+        tmp_path / "shapes.tar.gz",  # the dataset next to the copy
     ).read_bytes()
     url = http_server(handler=FlakyArchive) + "/shapes.tar.gz"
     set_params(repo, **{"data.source": url})

@@ -79,12 +79,41 @@ def test_transfer_learning_params(tmp_path: Path) -> None:
         96,
         20,
     )
-    params["finetune"]["unfreeze"] = 0.25
-    assert load_params(write(tmp_path, params)).finetune.unfreeze == 0.25
+    params["finetune"]["unfreeze"] = "30%"
+    assert load_params(write(tmp_path, params)).finetune.unfreeze == "30%"
 
     params["model"]["arch"] = "fastnet"
-    params["finetune"]["unfreeze"] = 1.5
+    params["finetune"]["unfreeze"] = 1.0  # once "all layers", next to 1 for "one layer"
     with pytest.raises(PipelineError) as error:
         load_params(write(tmp_path, params))
     assert "model.weights = 'imagenet': needs a Keras application backbone" in str(error.value)
-    assert "finetune.unfreeze = 1.5: must be a count of layers" in str(error.value)
+    assert "finetune.unfreeze = 1.0: must be all, a number of layers" in str(error.value)
+    assert "for the share 1, write 100%" in str(error.value)
+
+
+@pytest.mark.parametrize("spelling", [0.3, "30", "0%", "101%", -1, True, "some"])
+def test_unfreeze_spellings_that_could_be_misread_are_refused(
+    tmp_path: Path, spelling: object
+) -> None:
+    params = committed()
+    params["finetune"]["unfreeze"] = spelling
+    with pytest.raises(PipelineError, match="finetune.unfreeze = .*must be all, a number"):
+        load_params(write(tmp_path, params))
+
+
+def test_rules_across_keys_are_reported_with_the_rest(tmp_path: Path) -> None:
+    params = committed()
+    params["train"].update(epochs=2, warmup_epochs=2.0)  # all warmup, no decay
+    params["data"]["checksum"] = "md5:1234"
+    params["augment"]["cutout"] = 2000
+    with pytest.raises(PipelineError) as error:
+        load_params(write(tmp_path, params))
+    message = str(error.value)
+    assert "train.warmup_epochs = 2.0: must be less than train.epochs (2)" in message
+    assert "data.checksum = 'md5:1234': expected 'md5:<32 hex digits>'" in message
+    assert "augment.cutout = 2000" in message
+    params["augment"]["cutout"] = 40  # valid alone, larger than the 32-pixel images
+    params["train"]["warmup_epochs"] = 0.5
+    params["data"]["checksum"] = None
+    with pytest.raises(PipelineError, match=r"augment.cutout = 40: must be at most data.image_"):
+        load_params(write(tmp_path, params))

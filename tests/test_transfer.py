@@ -15,11 +15,18 @@ import pytest
 from imageclf.errors import PipelineError
 from imageclf.models import build_model, class_names, load_model, unfreeze_top
 from imageclf.params import BACKBONES, ModelParams
-from tests.test_faults import local_repo, set_params
-from tests.test_pipeline import run
+from tests.repos import ran_stages, run, set_params
 
 PROJECT = Path(__file__).resolve().parents[1]
 META = {"image_size": 16, "mean": [120.0] * 3, "std": [50.0] * 3, "class_names": ["a", "b", "c"]}
+
+
+@pytest.fixture
+def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in `tmp_path`, with a `pretrained/` folder as in the project."""
+    (tmp_path / "pretrained").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 def model_params(arch: str, **changes: object) -> ModelParams:
@@ -63,21 +70,20 @@ def test_backbone_trains_from_scratch_and_round_trips(arch: str, tmp_path: Path)
     assert class_names(loaded) == META["class_names"]
     images = tiny_data()[0][:2]
     np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
-    assert unfreeze_top(loaded, 1.0) is None
+    assert unfreeze_top(loaded, "all") is None
 
 
 @pytest.mark.parametrize("arch", BACKBONES)
 def test_weights_file_fills_a_frozen_backbone_and_finetune_unfreezes_its_top(
-    arch: str, tmp_path: Path
+    arch: str, in_tmp_path: Path
 ) -> None:
     # a "pretrained" no-top backbone saved to a local file, as ImageNet weights would be
     donor = build_model(model_params(arch), META).get_layer("backbone")
     for variable in donor.weights:
         variable.assign(np.random.default_rng(1).normal(0, 0.05, variable.shape))
-    weights_file = tmp_path / "backbone.weights.h5"
-    donor.save_weights(weights_file)
+    donor.save_weights("pretrained/backbone.weights.h5")
 
-    model = build_model(model_params(arch, weights=str(weights_file)), META)
+    model = build_model(model_params(arch, weights="pretrained/backbone.weights.h5"), META)
     backbone = model.get_layer("backbone")
     for got, expected in zip(weights_of(backbone), weights_of(donor)):
         np.testing.assert_array_equal(got, expected)
@@ -90,15 +96,15 @@ def test_weights_file_fills_a_frozen_backbone_and_finetune_unfreezes_its_top(
         np.testing.assert_array_equal(got, expected)
 
     # finetune stage: the top quarter of the layers with weights trains, BatchNorm never
-    model.save(tmp_path / "model.keras")
-    model = load_model(tmp_path / "model.keras")
+    model.save(in_tmp_path / "model.keras")
+    model = load_model(in_tmp_path / "model.keras")
     backbone = model.get_layer("backbone")
     candidates = [
         layer
         for layer in backbone.layers
         if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)
     ]
-    unfrozen = unfreeze_top(model, 0.25)
+    unfrozen = unfreeze_top(model, "25%")
     assert unfrozen == round(0.25 * len(candidates))
     assert [layer.trainable for layer in candidates] == [False] * (len(candidates) - unfrozen) + [
         True
@@ -116,11 +122,11 @@ def test_weights_file_fills_a_frozen_backbone_and_finetune_unfreezes_its_top(
             np.testing.assert_array_equal(got, want)
 
 
-def test_unfreeze_takes_a_count_of_layers(tmp_path: Path) -> None:
+def test_unfreeze_takes_a_count_of_layers(in_tmp_path: Path) -> None:
     donor = build_model(model_params("fastnet", input_size=None), META)
-    donor.save(tmp_path / "donor.keras")
+    donor.save("pretrained/donor.keras")
     model = build_model(
-        model_params("fastnet", input_size=None, weights=str(tmp_path / "donor.keras")), META
+        model_params("fastnet", input_size=None, weights="pretrained/donor.keras"), META
     )
     assert unfreeze_top(model, 2) == 2
     trainable = [layer.name for layer in model.get_layer("backbone").layers if layer.trainable]
@@ -128,12 +134,12 @@ def test_unfreeze_takes_a_count_of_layers(tmp_path: Path) -> None:
 
 
 def test_earlier_run_transfers_its_backbone_and_the_head_only_when_classes_match(
-    tmp_path: Path,
+    in_tmp_path: Path,
 ) -> None:
     earlier = build_model(model_params("fastnet", input_size=None), META, tiny_data()[0])
     train_briefly(earlier)
-    earlier.save(tmp_path / "earlier.keras")
-    weights = str(tmp_path / "earlier.keras")
+    weights = "pretrained/earlier.keras"
+    earlier.save(weights)
 
     other_classes = {**META, "class_names": ["x", "y"]}
     model = build_model(model_params("fastnet", input_size=None, weights=weights), other_classes)
@@ -150,17 +156,16 @@ def test_earlier_run_transfers_its_backbone_and_the_head_only_when_classes_match
         np.testing.assert_array_equal(got, expected)
 
 
-def test_weights_that_do_not_fit_are_clear_errors(tmp_path: Path) -> None:
+def test_weights_that_do_not_fit_are_clear_errors(in_tmp_path: Path) -> None:
     earlier = build_model(model_params("fastnet", input_size=None), META)
-    earlier.save(tmp_path / "earlier.keras")
+    earlier.save("pretrained/earlier.keras")
     with pytest.raises(PipelineError, match="does not match"):
         build_model(
-            model_params("fastnet", widths=[8, 8, 8], weights=str(tmp_path / "earlier.keras")),
-            META,
+            model_params("fastnet", widths=[8, 8, 8], weights="pretrained/earlier.keras"), META
         )
-    missing = tmp_path / "nowhere.weights.h5"
+    missing = "pretrained/nowhere.weights.h5"
     with pytest.raises(PipelineError, match=f"model.weights: {missing} does not exist"):
-        build_model(model_params("mobilenet_v2", weights=str(missing)), META)
+        build_model(model_params("mobilenet_v2", weights=missing), META)
 
 
 OFFLINE_IMAGENET = """
@@ -196,15 +201,13 @@ def test_imagenet_weights_offline_say_where_keras_caches_them(tmp_path: Path) ->
 
 
 def test_pipeline_trains_the_head_then_finetunes_a_model_from_an_earlier_run(
-    tmp_path: Path,
+    repo: Path,
 ) -> None:
-    repo = local_repo(tmp_path)
-    run(repo, "dvc", "repro")
-    earlier = tmp_path / "earlier.keras"
+    earlier = repo / "pretrained" / "earlier.keras"
     earlier.write_bytes((repo / "models" / "finetuned.keras").read_bytes())
-    set_params(repo, **{"model.weights": str(earlier), "finetune.unfreeze": 2})
+    set_params(repo, **{"model.weights": "pretrained/earlier.keras", "finetune.unfreeze": 2})
     result = run(repo, "dvc", "repro")
-    assert f"Backbone from {earlier}, frozen: training the head only" in result.stdout
+    assert "Backbone from pretrained/earlier.keras, frozen: training the head only" in result.stdout
     assert "fine-tuning its top 2 layers with weights" in result.stdout
 
     source = load_model(earlier).get_layer("backbone")
@@ -219,3 +222,12 @@ def test_pipeline_trains_the_head_then_finetunes_a_model_from_an_earlier_run(
             for a, b in zip(weights_of(finetuned.get_layer(layer.name)), kept)
         )
         assert changed == (layer.name in ("block3a_conv", "block3b_conv")), layer.name
+
+    # the weights file is a dependency: replaced, DVC retrains by itself
+    earlier.write_bytes((repo / "models" / "model.keras").read_bytes())
+    assert ran_stages(run(repo, "dvc", "repro").stdout)[:1] == ["train"]
+
+
+def test_weights_outside_pretrained_are_refused_with_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="must be inside pretrained/.*write pretrained/x.keras"):
+        model_params("fastnet", weights=str(tmp_path / "x.keras"))
