@@ -129,13 +129,16 @@ def main() -> None:
     old_names = [dataset.class_names[c] for c in old]
     new_names = [dataset.class_names[c] for c in new]
 
-    # 1. pretrain on all training images of the first five classes, as the train stage would
-    pretrain = subset(dataset.train, old)
+    # 1. pretrain on the training images of the first five classes, as the train stage would,
+    # monitored on some held out of them: the test split is read only at the end
+    old_train = subset(dataset.train, old)
+    smallest = int(np.bincount(old_train.labels).min())
+    pretrain, pretrain_val = few_shot(old_train, smallest - VAL_PER_CLASS, VAL_PER_CLASS, seed)
     model = build_model(params.model, meta_for(pretrain, old_names), pretrain.images)
     pretrain_seconds = train_run(
         model,
         pretrain,
-        subset(dataset.test, old),
+        pretrain_val,
         work / "pretrain",
         params,
         args.pretrain_epochs,
