@@ -27,7 +27,8 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 # Headless Chromium, and a local copy of the Vega scripts that `dvc plots show` pages load from
-# a CDN, for the browser test (tests/test_report.py skips without them). Versions: those of the
+# a CDN, for the browser tests (tests/test_report.py skips without them; tests/test_serve.py
+# needs Chromium only, driven by Playwright from requirements-dev.txt). Versions: those of the
 # installed dvc-render.
 VEGA_DIR := .cache/vega
 browser: setup

@@ -1,0 +1,206 @@
+"""The `imageclf` command: `imageclf predict PATH...` classifies image files with a trained model.
+
+Each subcommand is a function below that adds its parser to the `COMMANDS` list and sets the
+`run(args) -> int` that does the work; heavy imports (TensorFlow) happen inside `run`, so that
+`imageclf --help` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from imageclf import paths, serve
+from imageclf.errors import PipelineError
+from imageclf.images import DEFAULT_MAX_PIXELS
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default: `sys.argv[1:]`); returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="imageclf", description="Use a model trained by the imageclf pipeline."
+    )
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(subcommands)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- imageclf predict -----------------------------------------------------------------------
+
+
+def add_predict(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "predict",
+        help="classify image files",
+        description=(
+            "Classify image files (any format Pillow reads: JPEG, PNG, WebP, BMP, GIF, TIFF, "
+            "...; any size; grayscale, RGBA and palette images too) and print each file's top "
+            "classes. A file that does not decode gets one line on stderr; the others are "
+            "still classified, and the exit status is 1 unless --on-bad-image skip."
+        ),
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="image files, folders (walked recursively) or glob patterns ('photos/**/*.jpg')",
+    )
+    parser.add_argument(
+        "--model",
+        default=str(paths.FINETUNED),
+        help="a .keras file, an exported SavedModel folder or a .tflite file "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--top-k", type=_positive, default=3, help="classes shown per image (default: %(default)s)"
+    )
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object per line per image")
+    output.add_argument("--csv", action="store_true", help="CSV with a header row")
+    parser.add_argument(
+        "--batch-size", type=_positive, default=64, help="images per model call (default: 64)"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse images with more pixels than this, a guard against decompression bombs "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--on-bad-image",
+        choices=("fail", "skip"),
+        default="fail",
+        help="fail: exit status 1 when a file does not decode (the others are still "
+        "classified); skip: exit status 0 (default: %(default)s)",
+    )
+    parser.set_defaults(run=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from imageclf.predict import find_images, load_classifier, predict_files
+
+    files = find_images(args.paths)  # before loading the model: a typo fails at once
+    with native_stderr_muted():
+        classifier = load_classifier(args.model)
+    style = "json" if args.json else "csv" if args.csv else "table"
+    output = _Output(style, classifier.class_names, args.top_k, max(len(str(f)) for f in files))
+    failed = 0
+    # the bar goes to stderr, and only on a terminal (disable=None); bar.write keeps the
+    # printed lines clear of it
+    with tqdm(total=len(files), unit="img", disable=None, file=sys.stderr) as bar:
+        if output.header:
+            bar.write(output.header, file=sys.stdout)
+        for prediction in predict_files(classifier, files, args.batch_size, args.max_pixels):
+            bar.update()
+            if prediction.error is None:
+                bar.write(output.line(prediction.path, prediction.probabilities), file=sys.stdout)
+            else:
+                failed += 1
+                label = "skipped" if args.on_bad_image == "skip" else "error"
+                bar.write(f"{label}: {prediction.error}", file=sys.stderr)
+    if failed and args.on_bad_image == "fail":
+        print(f"error: {failed} of {len(files)} files could not be classified", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _Output:
+    """Lines of `imageclf predict`: an aligned table, JSON lines, or CSV."""
+
+    def __init__(self, style: str, class_names: list[str], top_k: int, file_width: int) -> None:
+        self.style = style
+        self.class_names = class_names
+        self.top_k = min(top_k, len(class_names))
+        self.file_width = max(file_width, len("file"))
+        self.class_width = max(map(len, class_names))
+        ranks = range(1, self.top_k + 1)
+        if style == "csv":
+            self.header = _csv(["file", *(f"{k}_{i}" for i in ranks for k in ("class", "p"))])
+        elif style == "table":
+            columns = "  ".join(f"{f'top {i}':{self.class_width + 8}}" for i in ranks)
+            self.header = f"{'file':{self.file_width}}  {columns}".rstrip()
+        else:
+            self.header = None
+
+    def line(self, path: Path, probabilities: np.ndarray) -> str:
+        best = np.argsort(-probabilities, kind="stable")[: self.top_k]
+        top = [(self.class_names[i], float(probabilities[i])) for i in best]
+        if self.style == "json":
+            classes = [{"class": name, "probability": round(p, 6)} for name, p in top]
+            return json.dumps({"file": str(path), "top": classes})
+        if self.style == "csv":
+            return _csv([str(path), *(v for name, p in top for v in (name, f"{p:.6f}"))])
+        columns = "  ".join(f"{name:{self.class_width}} {p:7.2%}" for name, p in top)
+        return f"{str(path):{self.file_width}}  {columns}"
+
+
+def _csv(values: list[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="").writerow(values)
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def native_stderr_muted() -> Iterator[None]:
+    """Silence what TensorFlow and LiteRT print from C++ while they start and load a model (CPU
+    features, CUDA drivers, delegates): it comes before their log level applies. Python errors
+    still surface as exceptions, printed after the block."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+# --- imageclf serve -------------------------------------------------------------------------
+
+
+def add_serve(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "serve",
+        help="serve the model: a web page, KServe v2 and TF Serving REST APIs",
+        description=(
+            "Serve a model over HTTP: a page for people (/), the Open Inference Protocol "
+            "(/v2/...), TF Serving's REST predict API (/v1/...), uploads (/predict), "
+            "Prometheus metrics (/metrics) and the OpenAPI docs (/docs). SIGTERM answers "
+            "the requests in flight, then exits."
+        ),
+    )
+    serve.add_arguments(parser)
+    parser.set_defaults(run=serve.run)
+
+
+# Each entry adds one subcommand to the `imageclf` parser.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_predict, add_serve]

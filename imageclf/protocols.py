@@ -1,0 +1,363 @@
+"""The wire formats of `imageclf serve`: the Open Inference Protocol (KServe v2) REST API with
+its binary tensor data extension, TF Serving's REST predict API, and the image uploads of
+`/predict`. Request bodies are read into uint8 images here and checked against the model's
+input and the service's limits; whatever is wrong raises `RequestError` with a message that
+says what, and the HTTP status to answer with.
+
+The model's one input is `image`, UINT8, N x H x W x 3 of any H and W; its one output is
+`probabilities`, FP32, N x C.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import (
+    BaseModel,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
+
+from imageclf.images import BadImage, decode_image
+
+INPUT, OUTPUT = "image", "probabilities"  # tensor names, as in the Keras model
+
+
+class RequestError(Exception):
+    """A bad request: answered with `status` and `{"error": message}`."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+# --- Request and response bodies (validated with pydantic, described in OpenAPI) -------------
+
+Parameter = StrictBool | StrictInt | StrictFloat | StrictStr
+
+
+class TensorInput(BaseModel):
+    name: str
+    shape: list[StrictInt]
+    datatype: str
+    parameters: dict[str, Parameter] = {}
+    data: list[Any] | None = Field(None, description="row-major values, flat or nested")
+
+
+class RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Parameter] = {}
+
+
+class InferenceRequest(BaseModel):
+    """An Open Inference Protocol request: one input `image`, UINT8, shape [N, H, W, 3]."""
+
+    id: str | None = None
+    parameters: dict[str, Parameter] = {}
+    inputs: list[TensorInput]
+    outputs: list[RequestedOutput] | None = None
+
+
+class TensorOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Parameter] | None = None
+    data: list[float] | None = None
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    id: str | None = None
+    outputs: list[TensorOutput]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TFServingRequest(BaseModel):
+    """TF Serving's row format: each instance an H x W x 3 nested list of 0..255, or an
+    encoded image `{"b64": "..."}`, or either under the input's name, `{"image": ...}`."""
+
+    signature_name: str | None = None
+    instances: list[Any]
+
+
+class TFServingResponse(BaseModel):
+    predictions: list[list[float]]
+
+
+class ClassProbability(BaseModel):
+    class_name: str = Field(alias="class")
+    probability: float
+
+
+class FilePrediction(BaseModel):
+    file: str
+    top: list[ClassProbability]
+
+
+class PredictResponse(BaseModel):
+    model: str
+    predictions: list[FilePrediction]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+def parse(model: type[BaseModel], body: bytes) -> Any:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestError(f"{model.__name__}: {validation_message(exc)}") from None
+
+
+def validation_message(exc: ValidationError | RequestValidationError) -> str:
+    problems = [
+        ".".join(str(part) for part in error["loc"]) + ": " + error["msg"]
+        if error["loc"]
+        else error["msg"]
+        for error in exc.errors()[:5]
+    ]
+    return "; ".join(problems)
+
+
+# --- Images and limits -------------------------------------------------------------------
+
+
+def decode_files(files: list[tuple[str, bytes]], max_pixels: int) -> list[np.ndarray]:
+    """Decode uploaded image files; their pixels together may not exceed `max_pixels`
+    (a request of many small "decompression bombs" is refused like one big one)."""
+    images = []
+    for name, data in files:
+        if not data:
+            raise BadImage(f"{name}: empty file")
+        images.append(decode_image(data, max_pixels=max_pixels, name=name))
+        check_pixels(sum(image.shape[0] * image.shape[1] for image in images), max_pixels)
+    return images
+
+
+def check_pixels(pixels: int, max_pixels: int) -> None:
+    """Refuse a request whose images hold more than `max_pixels` pixels together."""
+    if pixels > max_pixels:
+        raise RequestError(
+            f"the images of this request have more than {max_pixels:,} pixels together, over "
+            "the limit (--max-pixels); send fewer or smaller images per request"
+        )
+
+
+def uint8_images(values: Any, what: str) -> np.ndarray:
+    """A nested list of integers 0..255 as a uint8 array (a ragged list is an error)."""
+    try:
+        array = np.asarray(values)
+    except ValueError:
+        raise RequestError(f"{what}: not a regular nested array (rows of unequal length)") from None
+    if array.size and (array.dtype.kind not in "iu" or array.min() < 0 or array.max() > 255):
+        raise RequestError(f"{what}: values must be integers 0..255 (UINT8)")
+    return array.astype(np.uint8)
+
+
+def check_count(count: int, max_images: int) -> None:
+    if count > max_images:
+        raise RequestError(
+            f"{count} images in one request, over the limit of {max_images} (--max-images); "
+            "split the request",
+            413,
+        )
+
+
+def content_type(headers: Mapping[str, str]) -> str:
+    """The media type of a request, lower case, without parameters."""
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def require_json(media_type: str) -> None:
+    # no Content-Type is fine: Triton's client sends none with JSON
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        raise RequestError(
+            f"Content-Type {media_type} is not supported here; send JSON "
+            "with Content-Type: application/json",
+            415,
+        )
+
+
+# --- Open Inference Protocol (KServe v2) ----------------------------------------------------
+
+
+def split_binary(
+    body: bytes, header_length: str | None, content_type: str
+) -> tuple[bytes, bytes | None]:
+    """The JSON header and the binary tensor data after it (binary tensor data extension, the
+    header's length in `header_length`), or the whole body and None for a plain JSON request."""
+    length = header_length
+    if length is None:
+        require_json(content_type)
+        return body, None
+    if content_type not in ("", "application/octet-stream", "application/json"):
+        raise RequestError(
+            f"Content-Type {content_type} is not supported with binary tensor data; "
+            "use application/octet-stream",
+            415,
+        )
+    if not length.isdigit() or int(length) > len(body):
+        raise RequestError(
+            f"Inference-Header-Content-Length: {length!r} is not a byte count within the "
+            f"body of {len(body)} bytes"
+        )
+    return body[: int(length)], body[int(length) :]
+
+
+def v2_images(
+    request: InferenceRequest, binary: bytes | None, max_images: int, max_pixels: int
+) -> np.ndarray:
+    """The N x H x W x 3 uint8 tensor of a v2 request (checked against the model's input)."""
+    if len(request.inputs) != 1 or request.inputs[0].name != INPUT:
+        names = [tensor.name for tensor in request.inputs]
+        raise RequestError(
+            f"inputs {names}: this model takes one input, {INPUT!r} (UINT8, shape [N, H, W, 3])"
+        )
+    tensor = request.inputs[0]
+    what = f"input {INPUT!r}"
+    if tensor.datatype != "UINT8":
+        raise RequestError(f"{what}: datatype {tensor.datatype!r}; this model takes UINT8")
+    shape = tensor.shape
+    if len(shape) != 4 or shape[3] != 3 or min(shape) < 1:
+        raise RequestError(f"{what}: shape {shape}; this model takes [N, H, W, 3], each >= 1")
+    check_count(shape[0], max_images)
+    check_pixels(shape[0] * shape[1] * shape[2], max_pixels)
+    size = math.prod(shape)
+    binary_size = tensor.parameters.get("binary_data_size")
+    if binary_size is not None:
+        if binary is None:
+            raise RequestError(
+                f"{what}: binary_data_size given, but the request has no "
+                "Inference-Header-Content-Length header"
+            )
+        if tensor.data is not None:
+            raise RequestError(f"{what}: give either data or binary_data_size, not both")
+        if binary_size != size or len(binary) != size:
+            raise RequestError(
+                f"{what}: shape {shape} needs {size} bytes; binary_data_size says "
+                f"{binary_size!r} and the body holds {len(binary)} after the JSON header"
+            )
+        return np.frombuffer(binary, np.uint8).reshape(shape)
+    if binary:
+        raise RequestError(f"{len(binary)} bytes of binary data that no input claims")
+    if tensor.data is None:
+        raise RequestError(f"{what}: no data; give data, or binary_data_size with the bytes")
+    array = uint8_images(tensor.data, what)
+    if array.size != size:
+        raise RequestError(f"{what}: {array.size} values; shape {shape} needs {size}")
+    return array.reshape(shape)
+
+
+def binary_output(request: InferenceRequest) -> bool:
+    """Whether the client asked for the output as binary data."""
+    wanted = request.parameters.get("binary_data_output", False)
+    for output in request.outputs or []:
+        if output.name != OUTPUT:
+            raise RequestError(f"unknown output {output.name!r}; this model has {OUTPUT!r}")
+        wanted = output.parameters.get("binary_data", wanted)
+    return wanted is True
+
+
+def v2_response(
+    name: str, request: InferenceRequest, probabilities: np.ndarray, binary: bool
+) -> Response:
+    output: dict[str, Any] = {
+        "name": OUTPUT,
+        "datatype": "FP32",
+        "shape": list(probabilities.shape),
+    }
+    header: dict[str, Any] = {"model_name": name}
+    if request.id is not None:
+        header["id"] = request.id
+    header["outputs"] = [output]
+    if not binary:
+        output["data"] = probabilities.ravel().tolist()
+        return JSONResponse(header)
+    data = probabilities.astype("<f4").tobytes()
+    output["parameters"] = {"binary_data_size": len(data)}
+    head = json.dumps(header).encode()
+    return Response(
+        head + data,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
+
+
+# --- TF Serving REST ------------------------------------------------------------------------
+
+
+def tf_serving_instances(request: TFServingRequest) -> list[Any]:
+    """The instances of a predict request, one image each."""
+    if request.signature_name not in (None, "serving_default"):
+        raise RequestError(
+            f"signature_name {request.signature_name!r}: this model has one, 'serving_default'"
+        )
+    if not request.instances:
+        raise RequestError("instances: empty; give one image per instance")
+    return request.instances
+
+
+def tf_serving_image(instance: Any, index: int, max_pixels: int) -> np.ndarray:
+    """One instance: an H x W x 3 nested list, {"b64": encoded image} or {"image": either}."""
+    what = f"instances[{index}]"
+    if isinstance(instance, dict) and set(instance) == {INPUT}:
+        instance, what = instance[INPUT], f"{what}.{INPUT}"
+    if isinstance(instance, dict):
+        if set(instance) != {"b64"} or not isinstance(instance["b64"], str):
+            raise RequestError(
+                f"{what}: an object must be {{'b64': '<base64 of an image file>'}} "
+                f"or {{'{INPUT}': ...}}; got keys {sorted(instance)}"
+            )
+        try:  # line breaks allowed (`base64` wraps its output), nothing else outside base64
+            data = base64.b64decode("".join(instance["b64"].split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise RequestError(f"{what}.b64: not base64 ({exc})") from None
+        return decode_files([(what, data)], max_pixels)[0]
+    if not isinstance(instance, list):
+        raise RequestError(f"{what}: give an H x W x 3 nested list of 0..255 or {{'b64': ...}}")
+    image = uint8_images(instance, what)
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape) < 1:
+        raise RequestError(f"{what}: shape {list(image.shape)}; this model takes [H, W, 3]")
+    return image
+
+
+def tf_serving_images(instances: list[Any], max_pixels: int) -> list[np.ndarray]:
+    """The images of a predict request's instances (in a worker thread: decoding is work)."""
+    images = []
+    for index, instance in enumerate(instances):  # checked as they come: memory stays bounded
+        images.append(tf_serving_image(instance, index, max_pixels))
+        check_pixels(sum(image.shape[0] * image.shape[1] for image in images), max_pixels)
+    return images

@@ -1,0 +1,179 @@
+"""`imageclf predict`, run as a user runs it (a subprocess of the installed console command), on
+a folder of real image files in many formats, sizes and colour modes, broken ones included."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.repos import run
+from tests.synthetic import CLASSES
+
+# name -> (width, height, class, how it is saved); the class is the image's dominant colour
+GOOD = {
+    "red.png": (16, 16, 0, "RGB"),
+    "green.jpg": (40, 23, 1, "RGB"),  # not square, not the model's size: resized inside it
+    "blue.webp": (30, 30, 2, "RGB"),
+    "nested/deeper/red.bmp": (20, 16, 0, "RGB"),
+    "nested/green.gif": (16, 16, 1, "P"),
+    "blue.tiff": (50, 40, 2, "RGB"),
+    "gray.png": (16, 16, 0, "L"),
+    "rgba.png": (16, 16, 2, "RGBA"),
+    "palette.png": (24, 12, 1, "P"),
+}
+
+
+def coloured(width: int, height: int, label: int, seed: int) -> np.ndarray:
+    pixels = np.random.default_rng(seed).integers(0, 90, (height, width, 3), dtype=np.uint8)
+    pixels[..., label] += 140
+    return pixels
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of good images, a broken file, a truncated JPEG, a 20,000 x 20,000 PNG, and a
+    text file (not picked up from folders: not an image suffix)."""
+    folder = tmp_path_factory.mktemp("photos")
+    for seed, (name, (width, height, label, mode)) in enumerate(GOOD.items()):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(coloured(width, height, label, seed))
+        image.convert(mode).save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
+    (folder / "broken.png").write_bytes(b"this is not a PNG file")
+    jpeg = (folder / "green.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    # 400 megapixels in 50 KB: one bit per pixel, all zero, compresses to almost nothing
+    Image.new("1", (20_000, 20_000)).save(folder / "bomb.png")
+    (folder / "notes.txt").write_text("not an image, and not an image suffix")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def keras_probabilities(photos: Path, tiny_model: Path) -> dict[str, dict[str, float]]:
+    """What the Keras model itself says about each good image (class -> probability), decoded
+    here with Pillow alone and passed at its own size, as a user of the .keras file would."""
+    from imageclf.models import class_names, load_model
+
+    model = load_model(tiny_model)
+    result = {}
+    for name in GOOD:
+        with Image.open(photos / name) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        probabilities = model.predict(pixels[None], verbose=0)[0]
+        result[name] = dict(zip(class_names(model), probabilities.tolist()))
+    return result
+
+
+def predict(cwd: Path, *args: str) -> tuple[int, str, str]:
+    result = run(cwd, "imageclf", "predict", *args, check=False)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_folder_of_every_format_same_answers_as_keras(
+    photos: Path, tiny_model: Path, keras_probabilities: dict[str, np.ndarray]
+) -> None:
+    # batches of 2 by shape: several batches, images of one shape grouped across the folder
+    status, out, err = predict(
+        photos, ".", "--model", str(tiny_model), "--json", "--batch-size", "2"
+    )
+    rows = [json.loads(line) for line in out.splitlines()]
+    # every image once, walked recursively, in path order; the text file left out
+    assert [row["file"] for row in rows] == sorted(GOOD)
+    for row in rows:
+        expected = keras_probabilities[row["file"]]
+        assert len(row["top"]) == 3  # the default top-k, here all classes
+        assert row["top"][0]["class"] == max(expected, key=expected.get)
+        # same photo, same answer: the probabilities the Keras model gives the same pixels
+        for entry in row["top"]:
+            assert entry["probability"] == pytest.approx(expected[entry["class"]], abs=1e-5)
+    # the bad files: one line each on stderr naming it and why, then a count; status 1
+    lines = err.strip().splitlines()
+    assert any("broken.png" in line and "not a readable image" in line for line in lines)
+    assert any("truncated.jpg" in line and "truncated" in line for line in lines)
+    assert any("bomb.png" in line and "400,000,000 pixels" in line for line in lines)
+    assert lines[-1] == "error: 3 of 12 files could not be classified"
+    assert status == 1
+
+
+def test_globs_files_csv_top_k_and_skip(photos: Path, tiny_model: Path) -> None:
+    status, out, err = predict(
+        photos,
+        "**/*.gif",
+        "*.png",
+        "green.jpg",
+        "--model",
+        str(tiny_model),
+        "--csv",
+        "--top-k",
+        "2",
+        "--on-bad-image",
+        "skip",
+    )
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["file", "class_1", "p_1", "class_2", "p_2"]
+    # the glob's matches in order, then the named file; the PNGs that fail are skipped
+    assert [row["file"] for row in rows] == [
+        "nested/green.gif",
+        "gray.png",
+        "palette.png",
+        "red.png",
+        "rgba.png",
+        "green.jpg",
+    ]
+    for row in rows:
+        assert float(row["p_1"]) >= float(row["p_2"])
+        assert {row["class_1"], row["class_2"]} <= set(CLASSES)
+    assert "skipped: broken.png" in err and "skipped: bomb.png" in err
+    assert status == 0
+
+
+def test_table_and_a_configurable_pixel_limit(photos: Path, tiny_model: Path) -> None:
+    # 16 x 16 = 256 pixels pass a limit of 1,000; 40 x 23 = 920 too; 50 x 40 = 2,000 do not
+    status, out, err = predict(
+        photos,
+        "red.png",
+        "green.jpg",
+        "blue.tiff",
+        "--model",
+        str(tiny_model),
+        "--max-pixels",
+        "1000",
+    )
+    header, *rows = out.splitlines()
+    assert header.split() == ["file", "top", "1", "top", "2", "top", "3"]
+    assert [row.split()[0] for row in rows] == ["red.png", "green.jpg"]
+    assert all(row.count("%") == 3 for row in rows)
+    assert "blue.tiff: 50 x 40 = 2,000 pixels, over the limit of 1,000" in err
+    assert status == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing.jpg"], "missing.jpg: no such file or folder"),
+        (["empty"], "empty: no image files in this folder or below it"),
+        (["*.heic"], "*.heic: no files match this pattern"),
+        (["red.png", "--model", "nowhere.keras"], "nowhere.keras: no model here"),
+        (["red.png", "--model", "notes.txt"], "notes.txt: not a .keras model file"),
+        (["red.png", "--model", "broken.tflite"], "broken.tflite: cannot load this model"),
+        (["red.png", "--model", "empty"], "empty: a folder without saved_model.pb"),
+    ],
+)
+def test_bad_paths_and_models_one_clear_error(
+    photos: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    for name in ("red.png", "notes.txt"):
+        (tmp_path / name).write_bytes((photos / name).read_bytes())
+    (tmp_path / "broken.tflite").write_bytes(b"not a flatbuffer")
+    (tmp_path / "empty").mkdir()
+    status, out, err = predict(tmp_path, *args)
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert message in err
+    assert out == ""
+    assert status == 1
