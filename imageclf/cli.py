@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imageclf import paths, serve
+from imageclf import paths
 from imageclf.errors import PipelineError
 from imageclf.images import DEFAULT_MAX_PIXELS
+from imageclf.serve_options import add_arguments as add_serve_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,8 +199,14 @@ def add_serve(subcommands: argparse._SubParsersAction) -> None:
             "the requests in flight, then exits."
         ),
     )
-    serve.add_arguments(parser)
-    parser.set_defaults(run=serve.run)
+    add_serve_arguments(parser)
+    parser.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from imageclf import serve  # the web framework: imported only to serve
+
+    return serve.run(args)
 
 
 # Each entry adds one subcommand to the `imageclf` parser.

@@ -26,7 +26,6 @@ import html
 import importlib.metadata
 import json
 import logging
-import math
 import string
 import sys
 import time
@@ -57,8 +56,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from imageclf.batching import Batcher
-from imageclf.images import DEFAULT_MAX_PIXELS, BadImage
-from imageclf.paths import EVAL_METRICS, EXPORT_METRICS, FINETUNED
+from imageclf.images import BadImage
+from imageclf.paths import EVAL_METRICS, EXPORT_METRICS
 from imageclf.predict import Classifier, load_classifier
 from imageclf.protocols import (
     INPUT,
@@ -86,24 +85,13 @@ from imageclf.protocols import (
     v2_response,
     validation_message,
 )
+from imageclf.serve_options import Settings
 
 log = logging.getLogger("imageclf.serve")
 
 STATIC = Path(__file__).parent / "static"
 PLATFORMS = {"keras": "tensorflow_keras", "saved_model": "tensorflow_savedmodel"}
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What `imageclf serve`'s options set (see `add_arguments` for their meaning)."""
-
-    name: str = "imageclf"
-    max_batch: int = 64
-    batch_wait_ms: float = 5.0
-    max_body_mb: float = 32.0
-    max_images: int = 64
-    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 # --- What the model is -----------------------------------------------------------------------
@@ -603,42 +591,6 @@ class RequestMetrics:
 # --- The command ----------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `imageclf serve`."""
-    defaults = Settings()
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=FINETUNED,
-        help="a .keras file, an exported SavedModel folder or a .tflite file "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
-    )
-    parser.add_argument("--port", type=int, default=8000, help="default: %(default)s")
-    parser.add_argument(
-        "--name", default=defaults.name, help="the model's name in the URLs (default: %(default)s)"
-    )
-    tuning = (
-        ("--max-batch", int, "most images in one model call; 1 turns dynamic batching off"),
-        ("--batch-wait-ms", float, "the longest a queued image waits for requests still being "
-         "read to join its batch; 0: never"),
-        ("--max-body-mb", float, "largest request body, in MiB"),
-        ("--max-images", int, "most images in one request"),
-        ("--max-pixels", int, "most pixels of one request's images together; larger images "
-         "are refused before they are decoded"),
-    )  # fmt: skip
-    for option, kind, text in tuning:
-        default = getattr(defaults, option.removeprefix("--").replace("-", "_"))
-        parser.add_argument(
-            option,
-            type=_positive(kind, zero=option == "--batch-wait-ms"),
-            default=default,
-            help=f"{text} (default: %(default)s)",
-        )
-
-
 def _fewer_malloc_arenas() -> None:
     """glibc gives threads that allocate their own malloc arenas (up to 8 per core), which
     keep freed memory: with decoding threads and the model's, RSS crept up under load (+6.7%
@@ -647,19 +599,6 @@ def _fewer_malloc_arenas() -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
             ctypes.CDLL(None).mallopt(M_ARENA_MAX, 2)
-
-
-def _positive(kind: type, zero: bool = False):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value < 0 or (value == 0 and not zero) or not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}: {text}")
-        return value
-
-    return parse
 
 
 def run(args: argparse.Namespace) -> int:

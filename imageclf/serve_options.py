@@ -1,0 +1,73 @@
+"""The options of `imageclf serve` and the settings they make, apart from the service itself,
+so that building the `imageclf` command's parser does not import the web framework."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from imageclf.images import DEFAULT_MAX_PIXELS
+from imageclf.paths import FINETUNED
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What `imageclf serve`'s options set (see `add_arguments` for their meaning)."""
+
+    name: str = "imageclf"
+    max_batch: int = 64
+    batch_wait_ms: float = 5.0
+    max_body_mb: float = 32.0
+    max_images: int = 64
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `imageclf serve`."""
+    defaults = Settings()
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=FINETUNED,
+        help="a .keras file, an exported SavedModel folder or a .tflite file "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    parser.add_argument(
+        "--name", default=defaults.name, help="the model's name in the URLs (default: %(default)s)"
+    )
+    tuning = (
+        ("--max-batch", int, "most images in one model call; 1 turns dynamic batching off"),
+        ("--batch-wait-ms", float, "the longest a queued image waits for requests still being "
+         "read to join its batch; 0: never"),
+        ("--max-body-mb", float, "largest request body, in MiB"),
+        ("--max-images", int, "most images in one request"),
+        ("--max-pixels", int, "most pixels of one request's images together; larger images "
+         "are refused before they are decoded"),
+    )  # fmt: skip
+    for option, kind, text in tuning:
+        default = getattr(defaults, option.removeprefix("--").replace("-", "_"))
+        parser.add_argument(
+            option,
+            type=_positive(kind, zero=option == "--batch-wait-ms"),
+            default=default,
+            help=f"{text} (default: %(default)s)",
+        )
+
+
+def _positive(kind: type, zero: bool = False):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < 0 or (value == 0 and not zero) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}: {text}")
+        return value
+
+    return parse
