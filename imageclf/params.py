@@ -114,10 +114,21 @@ class TrainParams(Section):
     momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
     weight_decay: NonNegativeFloat
     warmup_epochs: NonNegativeFloat
+    schedule: Literal["cosine", "triangular"]
+    bias_lr_scale: PositiveFloat
+    lookahead: bool
     label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
     jit_compile: Literal["auto"] | bool
     precision: Literal["auto", "float32", "mixed_float16"]
-    distribute: Literal["auto", "none", "mirrored"]
+    distribute: Literal["auto", "none", "mirrored", "multi_worker"]
+    threads: Literal["auto"] | Annotated[int, Field(ge=1)]
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def auto_or_count(cls, value: object) -> object:
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError("must be auto (all cores) or a number of threads >= 1")
+        return value
 
     @field_validator("jit_compile", mode="before")
     @classmethod

@@ -26,6 +26,7 @@ from imageclf.augment import copy_paths
 from imageclf.datasets import Split, load_meta, load_split
 from imageclf.errors import PipelineError
 from imageclf.fileio import atomic_path, write_json, write_text
+from imageclf.optimizers import SGD, AdamW, Triangular
 from imageclf.params import Params, TrainParams
 
 
@@ -33,6 +34,11 @@ def configure_runtime(params: TrainParams, seed: int) -> tf.distribute.Strategy:
     """Seed everything, pick the float policy and the distribution strategy, in one place."""
     # No tf.config.experimental.enable_op_determinism(): Keras turns XLA off under it, and the
     # CPU kernels we use give the same numbers run to run without it (tests/ check this).
+    if params.threads != "auto":
+        # e.g. two queued experiments on one machine: each takes its share of the cores
+        # instead of both using all of them and slowing each other down
+        tf.config.threading.set_intra_op_parallelism_threads(params.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(params.threads)
     keras.utils.set_random_seed(seed)
     gpus = tf.config.list_physical_devices("GPU")
     precision = params.precision
@@ -53,19 +59,29 @@ def compile_model(
     total_steps: int,
     warmup_steps: int,
 ) -> None:
-    """Compile with the optimizer of `params` and a warmup + cosine-decay-to-zero schedule."""
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup_steps else peak_lr,
-        decay_steps=max(1, total_steps - warmup_steps),
-        warmup_target=peak_lr if warmup_steps else None,
-        warmup_steps=warmup_steps,
-    )
+    """Compile with the optimizer of `params`, its learning-rate schedule (linear warmup to
+    `peak_lr`, then a cosine or linear decay to zero at `total_steps`) and label smoothing."""
+    if params.schedule == "triangular":
+        schedule = Triangular(peak_lr, warmup_steps, total_steps)
+    else:
+        schedule = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup_steps else peak_lr,
+            decay_steps=max(1, total_steps - warmup_steps),
+            warmup_target=peak_lr if warmup_steps else None,
+            warmup_steps=warmup_steps,
+        )
     if params.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(
-            schedule, momentum=params.momentum, nesterov=True, weight_decay=params.weight_decay
+        optimizer = SGD(
+            schedule,
+            momentum=params.momentum,
+            nesterov=True,
+            weight_decay=params.weight_decay,
+            bias_lr_scale=params.bias_lr_scale,
         )
     else:
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=params.weight_decay)
+        optimizer = AdamW(
+            schedule, weight_decay=params.weight_decay, bias_lr_scale=params.bias_lr_scale
+        )
     # decaying BatchNorm shifts/scales and biases only hurts; decay the kernels
     optimizer.exclude_from_weight_decay(var_names=["_bn", "bias", "beta", "gamma"])
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -83,6 +99,40 @@ def compile_model(
         metrics=["accuracy"],
         jit_compile=params.jit_compile,
     )
+
+
+class Lookahead(keras.callbacks.Callback):
+    """airbench's lookahead: every `EVERY` steps the weights (BatchNorm statistics included)
+    move to an exponential average of themselves, which then replaces them. The average's
+    decay grows with the cube of training progress, from 0 (plain SGD) early, when the
+    weights still travel far, to 0.95**5 at the end, where averaging the noisy last steps
+    gives a flatter, better-generalizing minimum; the last step takes the average itself.
+    Averages are also taken at every epoch's end, so that the epoch checkpoint holds the whole
+    state and a resumed run continues exactly."""
+
+    EVERY = 5
+
+    def __init__(self, total_steps: int, steps_per_epoch: int) -> None:
+        super().__init__()
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.weights = [w for w in self.model.weights if "float" in str(w.dtype)]
+        self.average = [keras.ops.convert_to_numpy(w) for w in self.weights]
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        step = int(self.model.optimizer.iterations)
+        if step % self.EVERY and step % self.steps_per_epoch:
+            return
+        if step >= self.total_steps:
+            decay = 1.0
+        else:
+            decay = 0.95**self.EVERY * (step / self.total_steps) ** 3
+        for index, weight in enumerate(self.weights):
+            average = decay * self.average[index] + (1 - decay) * keras.ops.convert_to_numpy(weight)
+            self.average[index] = average
+            weight.assign(average)
 
 
 def steps_per_epoch(count: int, batch_size: int) -> int:
@@ -193,18 +243,22 @@ def fit(
         )
     live = _live(work_dir / "live", first_step + initial_epoch)
     num_classes = model.output_shape[-1]
+    steps = steps_per_epoch(len(train.labels), params.batch_size)
+    # the curves are written before the checkpoint; a resumed run drops what is logged after
+    # it (`_live`), so every epoch appears once
+    callbacks = [LearningRateLogger(), DVCLiveCallback(live=live), checkpoint]
+    if params.lookahead:
+        callbacks.insert(0, Lookahead(total_steps=steps * epochs, steps_per_epoch=steps))
     history = model.fit(
         _batches(
             copies, train, num_classes, params.batch_size, seed, epochs, initial_epoch, first_step
         ),
         initial_epoch=initial_epoch,
         epochs=epochs,
-        steps_per_epoch=steps_per_epoch(len(train.labels), params.batch_size),
+        steps_per_epoch=steps,
         validation_data=(val.images, np.eye(num_classes, dtype=np.float32)[val.labels]),
         validation_batch_size=max(params.batch_size, 1000),
-        # the curves are written before the checkpoint; a resumed run drops what is logged
-        # after it (`_live`), so every epoch appears once
-        callbacks=[LearningRateLogger(), DVCLiveCallback(live=live), checkpoint],
+        callbacks=callbacks,
         shuffle=False,  # the stream is already shuffled, per epoch and seeded
         verbose=2,
     )
