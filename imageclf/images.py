@@ -5,6 +5,7 @@ with the same operation as the model's own resize layer, so one photo gives one 
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
@@ -58,6 +59,12 @@ def decode_image(
         raise BadImage(f"{label}: no such file") from None
     except IsADirectoryError:
         raise BadImage(f"{label}: is a folder, not an image file") from None
+    except UnidentifiedImageError:
+        # Pillow's own message names its internal buffer object, not the file
+        raise BadImage(
+            f"{label}: not a readable image (no image format Pillow knows: PNG, JPEG, GIF, BMP, "
+            "TIFF, WebP, ...)"
+        ) from None
     except _UNREADABLE as exc:
         reason = str(exc) or exc.__class__.__name__
         raise BadImage(f"{label}: not a readable image ({reason})") from None
@@ -68,12 +75,18 @@ def resize_images(images: np.ndarray, size: int, chunk: int = 1000) -> np.ndarra
     "resize" layer applies (bilinear with antialiasing), rounded back to uint8."""
     if images.shape[1:3] == (size, size):
         return np.ascontiguousarray(images)
-    resize = resize_layer(size)
+    resize = _resizer(size)
     parts = [
         np.clip(np.rint(np.asarray(resize(images[i : i + chunk].astype(np.float32)))), 0, 255)
         for i in range(0, len(images), chunk)
     ]
     return np.concatenate(parts).astype(np.uint8)
+
+
+@functools.cache
+def _resizer(size: int):
+    # one layer per size for the whole process: preprocess resizes photos one at a time
+    return resize_layer(size)
 
 
 def resize_layer(size: int, name: str = "resize"):

@@ -41,7 +41,8 @@ class _BiasLearningRate:
         self.bias_lr_scale = bias_lr_scale
 
     def update_step(self, gradient, variable, learning_rate):
-        if self.bias_lr_scale != 1.0 and variable.name == "beta":
+        # the TensorFlow backend passes its own variable, named like "bn/beta:0"
+        if self.bias_lr_scale != 1.0 and variable.name.split(":")[0].endswith("beta"):
             learning_rate = learning_rate * self.bias_lr_scale
         return super().update_step(gradient, variable, learning_rate)
 

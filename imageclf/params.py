@@ -121,12 +121,12 @@ class TrainParams(Section):
     jit_compile: Literal["auto"] | bool
     precision: Literal["auto", "float32", "mixed_float16"]
     distribute: Literal["auto", "none", "mirrored", "multi_worker"]
-    threads: Literal["auto"] | Annotated[int, Field(ge=1)]
+    threads: Literal["auto"] | int
 
     @field_validator("threads", mode="before")
     @classmethod
     def auto_or_count(cls, value: object) -> object:
-        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError("must be auto (all cores) or a number of threads >= 1")
         return value
 
@@ -150,7 +150,7 @@ class TrainParams(Section):
 
 
 class FinetuneParams(Section):
-    epochs: Annotated[int, Field(ge=1)]
+    epochs: Annotated[int, Field(ge=0)]  # 0: the train stage's model, unchanged
     lr: PositiveFloat
     # pretrained backbones: which of the backbone's top layers with weights to unfreeze: "all",
     # a count of layers (an integer), or a share of them as a percentage string ("30%")

@@ -32,13 +32,15 @@ from imageclf.params import Params, TrainParams
 
 def configure_runtime(params: TrainParams, seed: int) -> tf.distribute.Strategy:
     """Seed everything, pick the float policy and the distribution strategy, in one place."""
-    # No tf.config.experimental.enable_op_determinism(): Keras turns XLA off under it, and the
-    # CPU kernels we use give the same numbers run to run without it (tests/ check this).
     if params.threads != "auto":
         # e.g. two queued experiments on one machine: each takes its share of the cores
         # instead of both using all of them and slowing each other down
         tf.config.threading.set_intra_op_parallelism_threads(params.threads)
         tf.config.threading.set_inter_op_parallelism_threads(params.threads)
+    # before any other TensorFlow work: it sets up the cluster's runtime
+    strategy = _multi_worker_strategy() if params.distribute == "multi_worker" else None
+    # No tf.config.experimental.enable_op_determinism(): Keras turns XLA off under it, and the
+    # CPU kernels we use give the same numbers run to run without it (tests/ check this).
     keras.utils.set_random_seed(seed)
     gpus = tf.config.list_physical_devices("GPU")
     precision = params.precision
@@ -46,10 +48,69 @@ def configure_runtime(params: TrainParams, seed: int) -> tf.distribute.Strategy:
         # float16 tensor cores pay on NVIDIA GPUs; on a CPU float32 is the fast path
         precision = "mixed_float16" if gpus else "float32"
     keras.mixed_precision.set_global_policy(precision)
+    if strategy is not None:
+        return strategy
     if params.distribute == "mirrored" or (params.distribute == "auto" and len(gpus) > 1):
         devices = [d.name for d in tf.config.list_logical_devices("GPU" if gpus else "CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)
     return tf.distribute.get_strategy()
+
+
+def _multi_worker_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
+    """Synchronous data-parallel training over the machines that TF_CONFIG lists (TensorFlow's
+    format: {"cluster": {"chief": [...], "worker": [...]}, "task": {"type": ..., "index": ...}}),
+    every GPU of each, or its CPU."""
+    try:
+        config = json.loads(os.environ["TF_CONFIG"])
+        config["cluster"], config["task"]["type"], config["task"]["index"]  # noqa: B018
+    except (KeyError, TypeError, ValueError) as exc:
+        problem = "is not set" if "TF_CONFIG" not in os.environ else f"is not valid ({exc!r})"
+        raise PipelineError(
+            f"train.distribute = multi_worker: the environment variable TF_CONFIG {problem}. "
+            'Set it on every machine to {"cluster": {"chief": ["host:port"], "worker": '
+            '["host:port", ...]}, "task": {"type": "chief", "index": 0}} with its own task '
+            "(README: Training on several machines), or set train.distribute: auto"
+        ) from None
+    return _MultiWorkerMirroredStrategy()
+
+
+class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """Works around keras-team/keras#20585 (open: Keras 3's `fit` fails under this strategy).
+    Keras reduces (1) a whole (images, labels) batch in one call, to learn its shapes, and
+    (2) each replica's scalar loss and metrics with `axis=0`. Unlike MirroredStrategy, this
+    strategy maps a reduction over no tuple, all-reduces no uint8, and takes no axis of a
+    scalar. Here it does all three: per item, uint8 through float32, a scalar across replicas.
+    """
+
+    def reduce(self, reduce_op, value, axis=None):
+        return tf.nest.map_structure(lambda item: self._reduce_one(reduce_op, item, axis), value)
+
+    def _reduce_one(self, reduce_op, value, axis):
+        local = self.experimental_local_results(value)[0]
+        if local.shape.rank == 0:
+            axis = None
+        if local.dtype in (tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.int32, tf.int64):
+            return super().reduce(reduce_op, value, axis)
+        floats = self.run(tf.cast, args=(value, tf.float32))
+        return tf.cast(super().reduce(reduce_op, floats, axis), local.dtype)
+
+
+def output_root(params: TrainParams) -> Path:
+    """Where this process writes a training stage's outputs: the project itself, unless it is
+    one of the other workers of a multi-worker run. Those hold the same model, but only the
+    chief writes the stage's outputs: another worker keeps its copy in a scratch folder of its
+    own (`checkpoints/worker-<index>`, removed when its finetune stage ends), from which its
+    finetune stage starts, and resumes from its own checkpoints there."""
+    if params.distribute != "multi_worker":
+        return Path(".")
+    config = json.loads(os.environ["TF_CONFIG"])  # checked by configure_runtime
+    task = config["task"]
+    # TensorFlow's rule: the chief, or without one, worker 0
+    if task["type"] == "chief" or (
+        task["type"] == "worker" and int(task["index"]) == 0 and "chief" not in config["cluster"]
+    ):
+        return Path(".")
+    return paths.CHECKPOINTS / f"{task['type']}-{task['index']}"
 
 
 def compile_model(
@@ -179,6 +240,7 @@ def run_training_stage(
     schedule, `fit` it resumably, and save the model, `metrics/<stage>.json` (the last epoch's
     figures and the wall time) and the curves `plots/<stage>.tsv`."""
     strategy = configure_runtime(params.train, params.seed)
+    root = output_root(params.train)
     fingerprint = stage_fingerprint(stage)
     meta = load_meta(paths.PREPARED)
     train, val = load_split(paths.PREPARED, "train"), load_split(paths.PREPARED, "val")
@@ -201,14 +263,30 @@ def run_training_stage(
         params=params.train,
         epochs=epochs,
         seed=params.seed,
-        work_dir=paths.CHECKPOINTS / stage,
-        curves_path=paths.PLOTS / f"{stage}.tsv",
+        work_dir=root / paths.CHECKPOINTS / stage,
+        curves_path=root / paths.PLOTS / f"{stage}.tsv",
         fingerprint=fingerprint,
         first_step=first_step,
     )
-    with atomic_path(model_path) as tmp:
+    # every worker saves: reading variables synchronized on read is a collective operation
+    with atomic_path(root / model_path) as tmp:
         model.save(tmp)
-    write_json(paths.METRICS / f"{stage}.json", {**logs, "seconds": round(seconds, 1)})
+    write_json(root / paths.METRICS / f"{stage}.json", {**logs, "seconds": round(seconds, 1)})
+    if root != Path(".") and stage == "finetune":
+        shutil.rmtree(root)  # the last stage another worker takes part in
+
+
+def pass_model_through(stage: str, params: TrainParams, source: Path, model_path: Path) -> None:
+    """A training stage with no epochs to train (finetune.epochs: 0): its model is `source`
+    unchanged, its metrics say so, and its curves have no rows."""
+    root = output_root(params)
+    if root != Path("."):
+        shutil.rmtree(root, ignore_errors=True)  # another worker: nothing to take part in
+        return
+    with atomic_path(model_path) as tmp:
+        shutil.copyfile(source, tmp)
+    write_json(paths.METRICS / f"{stage}.json", {"epochs": 0, "seconds": 0.0})
+    write_text(paths.PLOTS / f"{stage}.tsv", "\t".join(CURVES) + "\n")
 
 
 def fit(
@@ -351,7 +429,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
             self.folder.mkdir(parents=True)
             write_text(stored, self.fingerprint + "\n")
             return 0
-        model.optimizer.build(model.trainable_variables)
+        with model.distribute_strategy.scope():  # its variables are the strategy's
+            model.optimizer.build(model.trainable_variables)
         saved = sorted(self.folder.glob("epoch-*.weights.h5"), reverse=True)
         for path in saved:
             try:
@@ -404,6 +483,9 @@ def stage_fingerprint(
     return digest.hexdigest()
 
 
+CURVES = ("step", "loss", "accuracy", "val_loss", "val_accuracy", "lr")  # columns, in order
+
+
 def curves_table(live_dir: Path) -> pd.DataFrame:
     """DVCLive's series (one file per metric, `eval/` for validation) as one table: a row per
     epoch, columns step, loss, accuracy, val_loss, val_accuracy, lr. One git-tracked file per
@@ -415,8 +497,7 @@ def curves_table(live_dir: Path) -> pd.DataFrame:
         table = series if table is None else table.merge(series, on="step", how="outer")
     if table is None:
         raise FileNotFoundError(f"{live_dir}: no DVCLive series")
-    order = ["step", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
-    return table[[c for c in order if c in table] + [c for c in table if c not in order]]
+    return table[[c for c in CURVES if c in table] + [c for c in table if c not in CURVES]]
 
 
 class LearningRateLogger(keras.callbacks.Callback):

@@ -8,6 +8,7 @@ from PIL import Image
 
 from imageclf.datasets import load_meta, load_split, prepare_splits, read_dataset, save_prepared
 from imageclf.errors import PipelineError
+from imageclf.images import BadImage, decode_image
 from tests import synthetic
 
 
@@ -50,6 +51,13 @@ def test_corrupt_files_are_reported_by_path(tmp_path: Path, policy: str) -> None
         dataset = read_dataset(root, 16, on_bad_image=policy)
         assert sorted(Path(p).name for p in dataset.skipped) == ["broken.jpg", "notes.txt"]
         assert len(dataset.train.labels) == 18
+
+
+def test_an_upload_that_is_no_image_is_named_as_such() -> None:
+    with pytest.raises(BadImage) as error:
+        decode_image(b"hello", name="upload 3")
+    assert str(error.value).startswith("upload 3: not a readable image (no image format")
+    assert "BytesIO" not in str(error.value)
 
 
 def test_one_class_or_an_empty_class_is_an_error(tmp_path: Path) -> None:

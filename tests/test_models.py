@@ -98,3 +98,36 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path: Path) -> None:
     assert curves[0].split("\t") == ["step", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
     assert [line.split("\t")[0] for line in curves[1:]] == ["0", "1", "2", "3"]
     assert not (tmp_path / "work").exists()  # checkpoint removed once training completed
+
+
+def test_triangular_schedule_rises_to_the_peak_then_falls_to_zero() -> None:
+    from imageclf.optimizers import Triangular
+
+    schedule = Triangular(peak=2.0, warmup_steps=10, total_steps=50)
+    rates = [float(schedule(step)) for step in (0, 5, 10, 30, 50, 60)]
+    assert rates == pytest.approx([0.0, 1.0, 2.0, 1.0, 0.0, 0.0])
+    assert float(Triangular(peak=2.0, warmup_steps=0, total_steps=50)(0)) == pytest.approx(2.0)
+
+
+def test_batchnorm_shifts_take_their_own_learning_rate() -> None:
+    import keras
+
+    from imageclf.optimizers import SGD
+
+    def one_step(bias_lr_scale: float) -> dict[str, np.ndarray]:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4,))
+        x = keras.layers.Dense(3, use_bias=False, name="dense")(inputs)
+        x = keras.layers.BatchNormalization(scale=False, name="bn")(x)
+        model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+        model.compile(SGD(0.1, bias_lr_scale=bias_lr_scale), loss="mse")
+        before = {w.path: np.array(w) for w in model.trainable_weights}
+        data = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+        model.train_on_batch(data, np.ones((8, 2), np.float32))
+        return {w.path: np.array(w) - before[w.path] for w in model.trainable_weights}
+
+    plain, scaled = one_step(1.0), one_step(64.0)
+    for path in plain:
+        factor = 64.0 if path.endswith("beta") else 1.0
+        np.testing.assert_allclose(scaled[path], factor * plain[path], rtol=1e-4, atol=1e-7)
+    assert any(path.endswith("beta") and np.abs(plain[path]).max() > 0 for path in plain)

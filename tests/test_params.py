@@ -36,6 +36,9 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     params["model"]["arch"] = "resnet9000"
     params["augment"]["flipp"] = "random"
     params["train"]["batch_size"] = "big"
+    params["train"]["threads"] = 0
+    params["train"]["schedule"] = "linear"
+    params["train"]["distribute"] = "workers"
     del params["evaluate"]
     with pytest.raises(PipelineError) as error:
         load_params(write(tmp_path, params))
@@ -48,6 +51,9 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "model.arch = 'resnet9000': must be one of fastnet, baseline",
         "augment.flipp: unknown key",
         "train.batch_size = 'big'",
+        "train.threads = 0: must be auto (all cores) or a number of threads >= 1",
+        "train.schedule = 'linear'",
+        "train.distribute = 'workers'",
         "evaluate: missing",
     ):
         assert expected in message
