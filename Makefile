@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: setup run test lint browser
 
-$(BIN)/dvc: requirements.txt requirements-dev.txt pyproject.toml
+$(BIN)/dvc: requirements.txt requirements-dev.txt requirements-remote.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11, 4) else "error: $(PYTHON) is Python " + sys.version.split()[0] + "; imageclf needs 3.11.4 or later (safe archive extraction, tarfile filter=\"data\"). Run make PYTHON=/path/to/python3.12 ...")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
