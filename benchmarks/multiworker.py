@@ -134,10 +134,16 @@ def main() -> None:
         f"t(N) = {single['step']:.3f} s / N + 2 (N-1)/N x {megabytes:.1f} MB / "
         f"{bandwidth / 1e9:.2f} GB/s"
     )
+
+    def all_reduce_seconds(n: int) -> float:
+        return 2 * (n - 1) / n * single["bytes"] / bandwidth
+
+    crossover = next(n for n in range(2, 10_000) if single["step"] / n <= all_reduce_seconds(n))
+    print(f"communication takes longer than compute from N = {crossover}")
     print(f"{'N':>4}{'compute s':>11}{'all-reduce s':>14}{'step s':>8}{'speed-up':>10}")
     for n in (1, 2, 4, 8, 16, 32, 64):
         compute = single["step"] / n
-        communicate = 2 * (n - 1) / n * single["bytes"] / bandwidth
+        communicate = all_reduce_seconds(n)
         step = compute + communicate
         speedup = single["step"] / step
         print(f"{n:>4}{compute:>11.3f}{communicate:>14.3f}{step:>8.3f}{speedup:>10.1f}")

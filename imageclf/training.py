@@ -167,7 +167,7 @@ class Lookahead(keras.callbacks.Callback):
     move to an exponential average of themselves, which then replaces them. The average's
     decay grows with the cube of training progress, from 0 (plain SGD) early, when the
     weights still travel far, to 0.95**5 at the end, where averaging the noisy last steps
-    gives a flatter, better-generalizing minimum; the last step takes the average itself.
+    gives a flatter, better-generalizing minimum; the weights at the end are that average.
     Averages are also taken at every epoch's end, so that the epoch checkpoint holds the whole
     state and a resumed run continues exactly."""
 
@@ -183,15 +183,18 @@ class Lookahead(keras.callbacks.Callback):
         self.average = [keras.ops.convert_to_numpy(w) for w in self.weights]
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        step = int(self.model.optimizer.iterations)
+        # a plain variable, or one per device under tf.distribute: read its value
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         if step % self.EVERY and step % self.steps_per_epoch:
             return
-        if step >= self.total_steps:
-            decay = 1.0
-        else:
-            decay = 0.95**self.EVERY * (step / self.total_steps) ** 3
+        # airbench ends on the average of the last multiple of 5 steps, dropping up to 4 steps;
+        # with a run of a few steps (a tiny dataset) that would be all of them: here the last
+        # step is averaged in like the others
+        decay = 0.95**self.EVERY * (min(step, self.total_steps) / self.total_steps) ** 3
         for index, weight in enumerate(self.weights):
-            average = decay * self.average[index] + (1 - decay) * keras.ops.convert_to_numpy(weight)
+            average = self.average[index]
+            # in this form a weight that did not move (a frozen layer) stays bit for bit
+            average = average + (1 - decay) * (keras.ops.convert_to_numpy(weight) - average)
             self.average[index] = average
             weight.assign(average)
 
