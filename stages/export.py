@@ -27,10 +27,12 @@ def main() -> None:
     export_tflite(model, formats["tflite_int8"], int8=True)
 
     test = load_split(paths.PREPARED, "test")
-    reference = load_classifier(source).predict(test.images).argmax(axis=1)
+    keras_classifier = load_classifier(source)
+    reference = keras_classifier.predict(test.images).argmax(axis=1)
     figures = {}
     for name, path in formats.items():
-        figures[name] = measure(load_classifier(path), test.images, test.labels, reference, path)
+        classifier = keras_classifier if name == "keras" else load_classifier(path)
+        figures[name] = measure(classifier, test.images, test.labels, reference, path)
         print(name, figures[name])
         if name != "tflite_int8":  # quantized: its agreement is measured, not required
             check_agreement(name, figures[name])
