@@ -13,7 +13,7 @@ from keras import layers
 
 from imageclf.errors import PipelineError
 from imageclf.images import resize_layer
-from imageclf.optimizers import SGD, AdamW, Triangular  # noqa: F401 (registers them for loading)
+from imageclf.optimizers import SGD, AdamW, Muon, Triangular  # noqa: F401 (registers them for loading)
 from imageclf.params import ARCHITECTURES, BACKBONES, OWN_ARCHITECTURES, ModelParams
 
 WHITENING_SAMPLE = 5000  # training images whose 2x2 patches set fastnet's whitening stem

@@ -109,9 +109,11 @@ class ModelParams(Section):
 class TrainParams(Section):
     epochs: Annotated[int, Field(ge=1)]
     batch_size: Annotated[int, Field(ge=1)]
-    optimizer: Literal["sgd", "adamw"]
+    optimizer: Literal["sgd", "adamw", "muon"]
     lr: PositiveFloat
     momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+    muon_lr: PositiveFloat
+    muon_momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
     weight_decay: NonNegativeFloat
     warmup_epochs: NonNegativeFloat
     schedule: Literal["cosine", "triangular"]

@@ -26,7 +26,7 @@ from imageclf.augment import copy_paths
 from imageclf.datasets import Split, load_meta, load_split
 from imageclf.errors import PipelineError
 from imageclf.fileio import atomic_path, write_json, write_text
-from imageclf.optimizers import SGD, AdamW, Triangular
+from imageclf.optimizers import SGD, AdamW, Muon, Triangular
 from imageclf.params import Params, TrainParams
 
 
@@ -121,7 +121,8 @@ def compile_model(
     warmup_steps: int,
 ) -> None:
     """Compile with the optimizer of `params`, its learning-rate schedule (linear warmup to
-    `peak_lr`, then a cosine or linear decay to zero at `total_steps`) and label smoothing."""
+    `peak_lr`, then a cosine or linear decay to zero at `total_steps`) and label smoothing.
+    With Muon the conv kernels' schedule peaks at `peak_lr * muon_lr / lr`."""
     if params.schedule == "triangular":
         schedule = Triangular(peak_lr, warmup_steps, total_steps)
     else:
@@ -131,13 +132,22 @@ def compile_model(
             warmup_target=peak_lr if warmup_steps else None,
             warmup_steps=warmup_steps,
         )
+    sgd = dict(
+        momentum=params.momentum,
+        nesterov=True,
+        weight_decay=params.weight_decay,
+        bias_lr_scale=params.bias_lr_scale,
+    )
     if params.optimizer == "sgd":
-        optimizer = SGD(
+        optimizer = SGD(schedule, **sgd)
+    elif params.optimizer == "muon":
+        # the kernels' peak is train.muon_lr where the others' is train.lr; the finetune
+        # stage's lower peak lowers both alike
+        optimizer = Muon(
             schedule,
-            momentum=params.momentum,
-            nesterov=True,
-            weight_decay=params.weight_decay,
-            bias_lr_scale=params.bias_lr_scale,
+            **sgd,
+            muon_lr_scale=params.muon_lr / params.lr,
+            muon_momentum=params.muon_momentum,
         )
     else:
         optimizer = AdamW(

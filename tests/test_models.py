@@ -53,7 +53,9 @@ from imageclf.params import ModelParams, load_params
 from imageclf.errors import PipelineError
 from imageclf.training import compile_model, configure_runtime, fit
 params = load_params(PARAMS).train.model_copy(
-    update=dict(epochs=4, batch_size=16, distribute="mirrored", jit_compile="auto"))
+    # without lookahead, whose averaging would hide replicas drifting apart between its steps
+    update=dict(epochs=4, batch_size=16, distribute="mirrored", jit_compile="auto",
+                lookahead=False))
 strategy = configure_runtime(params, seed=0)
 assert strategy.num_replicas_in_sync == 2, strategy
 
@@ -78,6 +80,11 @@ with strategy.scope():
 np.save("copy.npy", train.images)
 logs, _ = fit(model, [Path("copy.npy")], train, val, params=params, epochs=4, seed=0,
               work_dir=Path("work"), curves_path=Path("curves.tsv"), fingerprint="mirrored")
+# every replica holds the same weights: each variable got the same update on both devices
+for weight in model.trainable_weights:
+    first, *others = [np.asarray(v) for v in strategy.experimental_local_results(weight.value)]
+    for other in others:
+        np.testing.assert_array_equal(other, first, err_msg=weight.path)
 print("val_accuracy", logs["val_accuracy"])
 """
 
@@ -131,3 +138,99 @@ def test_batchnorm_shifts_take_their_own_learning_rate() -> None:
         factor = 64.0 if path.endswith("beta") else 1.0
         np.testing.assert_allclose(scaled[path], factor * plain[path], rtol=1e-4, atol=1e-7)
     assert any(path.endswith("beta") and np.abs(plain[path]).max() > 0 for path in plain)
+
+
+def airbench_newton_schulz(matrix: np.ndarray) -> np.ndarray:
+    """airbench94_muon's orthogonalization in numpy, on a kernel as PyTorch lays it out
+    (out channels, fan-in)."""
+    x = matrix / (np.linalg.norm(matrix) + 1e-7)
+    tall = matrix.shape[0] > matrix.shape[1]
+    x = x.T if tall else x
+    for _ in range(3):
+        gram = x @ x.T
+        x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def test_muon_orthogonalizes_the_conv_kernels_steps_and_leaves_the_rest_to_sgd() -> None:
+    import keras
+    import tensorflow as tf
+
+    from imageclf.params import load_params
+    from imageclf.training import compile_model
+
+    def conv_net() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6, 6, 3))
+        x = keras.layers.Conv2D(4, 3, use_bias=False, name="tall")(inputs)  # (27, 4) matrix
+        x = keras.layers.Conv2D(16, 1, use_bias=False, name="wide")(x)  # (4, 16) matrix
+        x = keras.layers.BatchNormalization(scale=False, name="bn")(x)
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        return keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="head")(x))
+
+    train = load_params(PROJECT / "params.yaml").train
+    models = {}
+    for optimizer in ("sgd", "muon"):
+        models[optimizer] = conv_net()
+        params = train.model_copy(update=dict(optimizer=optimizer))
+        compile_model(models[optimizer], params, 0.1, total_steps=10, warmup_steps=0)
+    sgd, muon = models["sgd"], models["muon"]
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(8, 6, 6, 3)).astype(np.float32)
+    labels = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 8)]
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing)
+    kernels = [w for w in muon.trainable_weights if len(w.shape) == 4]
+    mu, buffers = train.muon_momentum, [0.0] * len(kernels)
+    for step in range(2):  # the second step reads the momentum buffer of the first
+        lr = float(muon.optimizer.learning_rate) * train.muon_lr / train.lr
+        with tf.GradientTape() as tape:
+            gradients = tape.gradient(loss(labels, muon(images, training=True)), kernels)
+        before, expected = [np.array(w) for w in kernels], []
+        for index, (w, gradient) in enumerate(zip(before, gradients)):
+            buffers[index] = mu * buffers[index] + np.array(gradient)
+            direction = (np.array(gradient) + mu * buffers[index]).reshape(-1, w.shape[-1])
+            update = airbench_newton_schulz(direction.T).T.reshape(w.shape)
+            expected.append(np.sqrt(w.shape[-1]) / np.linalg.norm(w) * w - lr * update)
+        muon.train_on_batch(images, labels)
+        for w, w0, want in zip(kernels, before, expected):
+            np.testing.assert_allclose(np.array(w), want, rtol=1e-4, atol=1e-6)
+            # near-orthogonal step from a kernel rescaled to norm sqrt(out channels)
+            step_taken = np.sqrt(w0.shape[-1]) / np.linalg.norm(w0) * w0 - np.array(w)
+            singular = np.linalg.svd(step_taken.reshape(-1, w0.shape[-1]), compute_uv=False)
+            assert np.all((0.3 * lr <= singular) & (singular <= 1.7 * lr)), (singular, lr)
+        if step == 0:  # the same gradients on both: everything else moved as with SGD
+            sgd.train_on_batch(images, labels)
+            for a, b in zip(sgd.trainable_weights, muon.trainable_weights):
+                if len(a.shape) != 4:
+                    np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-5, atol=1e-7)
+            assert np.abs(np.array(muon.get_layer("bn").beta)).max() > 0
+
+
+def test_model_trained_with_muon_loads_with_its_optimizer_state(tmp_path: Path) -> None:
+    from imageclf.optimizers import Muon
+    from imageclf.params import load_params
+    from imageclf.training import compile_model
+
+    # not the defaults of Muon's arguments: a loaded optimizer must have them from its file
+    muon = dict(optimizer="muon", muon_lr=0.3, muon_momentum=0.5)
+    train = load_params(PROJECT / "params.yaml").train.model_copy(update=muon)
+    model = build_model(model_params(), META)
+    compile_model(model, train, 0.1, total_steps=12, warmup_steps=2)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    labels = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 40)]
+    model.fit(images[:32], labels[:32], batch_size=8, epochs=1, verbose=0)
+    model.save(tmp_path / "model.keras")
+    loaded = load_model(tmp_path / "model.keras")
+    assert isinstance(loaded.optimizer, Muon)
+    assert loaded.optimizer.muon_lr_scale == pytest.approx(0.3 / train.lr)
+    assert loaded.optimizer.muon_momentum == 0.5
+    assert loaded.optimizer.get_config() == model.optimizer.get_config()
+    for saved, restored in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(np.array(restored), np.array(saved))
+    # the next step moves the conv kernels as in the original: Muon's buffers were restored
+    for net in (model, loaded):
+        net.train_on_batch(images[32:], labels[32:])
+    for original, restored in zip(model.trainable_weights, loaded.trainable_weights):
+        if len(original.shape) == 4:
+            np.testing.assert_allclose(np.array(restored), np.array(original), atol=1e-6)

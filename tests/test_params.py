@@ -39,6 +39,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     params["train"]["threads"] = 0
     params["train"]["schedule"] = "linear"
     params["train"]["distribute"] = "workers"
+    params["train"]["muon_momentum"] = 1
     del params["evaluate"]
     with pytest.raises(PipelineError) as error:
         load_params(write(tmp_path, params))
@@ -54,6 +55,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "train.threads = 0: must be auto (all cores) or a number of threads >= 1",
         "train.schedule = 'linear'",
         "train.distribute = 'workers'",
+        "train.muon_momentum = 1",
         "evaluate: missing",
     ):
         assert expected in message
