@@ -1,5 +1,5 @@
 """Shared fixtures: a real HTTP server on 127.0.0.1, and one tiny finished pipeline repository
-with its trained model, built once per test session."""
+with its trained model, built once per test session (per pytest-xdist worker)."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def http_server() -> Iterator[Callable[..., str]]:
 
 @pytest.fixture(scope="session")
 def finished_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny repository, built once per test session: every stage run by `dvc repro` and
-    committed. Read it freely; to change anything, take a `repo` copy instead."""
+    """One tiny repository, built once per test session (per worker): every stage run by
+    `dvc repro` and committed. Read it freely; to change anything, take a `repo` copy instead."""
     from tests.repos import commit_all, local_repo, run
 
     repo = local_repo(tmp_path_factory.mktemp("finished"))
