@@ -6,7 +6,6 @@ wherever `imageclf.models` is imported."""
 from __future__ import annotations
 
 import math
-import re
 
 import keras
 
@@ -35,13 +34,6 @@ class Triangular(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
-def _is_batchnorm_shift(variable) -> bool:
-    # The TensorFlow backend passes its own variables: "bn/beta:0", and under tf.distribute
-    # "bn/beta/replica_1:0" on the second device (missed there, the copies drifted apart)
-    name = variable.name.split(":")[0]
-    return re.sub(r"/replica_\d+$", "", name).endswith("beta")
-
-
 class _BiasLearningRate:
     """Optimizer mixin: BatchNorm shifts (beta) learn `bias_lr_scale` times faster than the
     kernels (airbench: 64x). A shift acts on a whole channel, and its gradient is small next
@@ -52,9 +44,15 @@ class _BiasLearningRate:
         self.bias_lr_scale = bias_lr_scale
 
     def update_step(self, gradient, variable, learning_rate):
-        if self.bias_lr_scale != 1.0 and _is_batchnorm_shift(variable):
+        if self.bias_lr_scale != 1.0 and self._is_batchnorm_shift(variable):
             learning_rate = learning_rate * self.bias_lr_scale
         return super().update_step(gradient, variable, learning_rate)
+
+    def _is_batchnorm_shift(self, variable) -> bool:
+        # The backend passes its own variable (TensorFlow: "bn/beta:0", under tf.distribute
+        # "bn/beta/replica_1:0" on the second device); the optimizer's index, which maps every
+        # device's copy to one slot, gives back the Keras variable and its path ("bn/beta")
+        return self._trainable_variables[self._get_variable_index(variable)].path.endswith("beta")
 
     def get_config(self) -> dict:
         return {**super().get_config(), "bias_lr_scale": self.bias_lr_scale}
