@@ -46,12 +46,12 @@ PRESETS: dict[str, list[str]] = {
     # the default recipe for 8 epochs: about airbench94's cost (0.86x)
     "short": ["train.epochs=8", "train.warmup_epochs=2"],
     # the same with Muon for the conv kernels, its lr chosen on validation at 8 epochs
-    # (2026-11-30): 0.8932 with muon_lr 0.08, against 0.8836 for short (SGD); 0.24 diverged
+    # (2026-11-30): 0.8932 with muon_lr 0.08 (now the default), against 0.8836 for short
+    # (SGD); 0.24 diverged
     "short_muon": [
         "train.epochs=8",
         "train.warmup_epochs=2",
         "train.optimizer=muon",
-        "train.muon_lr=0.08",
     ],
     # at most as long as the baseline takes, for the comparison at equal wall time; 4 epochs
     # chosen on validation (2026-11-30): 0.8196 with 3, 0.8324 with 4, 0.8352 with 5 (within
