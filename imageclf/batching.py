@@ -2,12 +2,16 @@
 few milliseconds of each other go through the model as one call.
 
 One asyncio task gathers queued images and runs the model in a worker thread, so that the
-event loop keeps accepting and decoding requests meanwhile. A batch waits for the requests that
-are still being read (uploaded, decoded) when it could run, up to `wait` seconds after its
-oldest image queued, or until it is full: under load, concurrent requests share a model call;
-a lone request runs at once instead of waiting for company that is not coming. While the model
-is busy, new requests queue up and go together in the next call. A model call takes images of
-one shape, so a batch of mixed sizes makes one call per shape.
+event loop keeps accepting and decoding requests meanwhile. A batch waits, up to `wait` seconds
+after its oldest image queued and until it is full, for the requests still being read
+(uploaded, decoded) when it could run, and for as many images as the previous batch held:
+under steady load from N clients, the N requests answered together come back together, and
+wait for each other instead of going through the model in halves (16 clients, TFLite, 32 x 32
+PNG: batches of 16 against about 8 without this rule, 1,180 against 1,120 requests/s). A
+lone request runs at once instead of waiting for company that is not coming; when the load
+falls, one batch waits out `wait`, and the next expects as many as that one had. While the
+model is busy, new requests queue up and go together in the next call. A model call takes
+images of one shape, so a batch of mixed sizes makes one call per shape.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Batcher:
         self._queued = asyncio.Event()  # the queue is not empty
         self._changed = asyncio.Event()  # images queued, or a request done being read
         self._arriving = 0  # requests being read, whose images will soon queue
+        self._last_size = 1  # images in the previous batch: the size of the load, lately
         # one thread: the model uses every core for one call, and not all formats are
         # thread-safe (a TFLite interpreter is not)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
@@ -112,7 +117,9 @@ class Batcher:
             # counted from the oldest image's arrival: images that queued while the model was
             # busy have waited already
             deadline = self._queue[0].arrived + self.wait
-            while len(self._queue) < self.max_batch and self._arriving:
+            while len(self._queue) < self.max_batch and (
+                self._arriving or len(self._queue) < self._last_size
+            ):
                 delay = deadline - time.monotonic()
                 if delay <= 0:
                     break
@@ -120,6 +127,7 @@ class Batcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), delay)
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+            self._last_size = len(batch)
             if not self._queue:
                 self._queued.clear()
             for group in _by_shape(batch):
