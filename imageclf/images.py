@@ -70,17 +70,6 @@ def decode_image(
         raise BadImage(f"{label}: not a readable image ({reason})") from None
 
 
-def header_pixels(data: bytes) -> int | None:
-    """Width x height of an image file as its header says, without decoding it; None when the
-    header is not one Pillow reads (decoding it will say what is wrong)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            return width * height
-    except _UNREADABLE:
-        return None
-
-
 def resize_images(images: np.ndarray, size: int, chunk: int = 1000) -> np.ndarray:
     """`images` (uint8, N x H x W x 3) resized to `size` x `size` by the operation the model's
     "resize" layer applies (bilinear with antialiasing), rounded back to uint8."""

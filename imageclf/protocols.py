@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import math
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from pydantic import (
     BaseModel,
     Field,
@@ -165,6 +167,17 @@ def decode_files(files: list[tuple[str, bytes]], max_pixels: int) -> list[np.nda
         images.append(decode_image(data, max_pixels=max_pixels, name=name))
         check_pixels(sum(image.shape[0] * image.shape[1] for image in images), max_pixels)
     return images
+
+
+def header_pixels(data: bytes) -> int | None:
+    """Width x height of an image file as its header says, without decoding it; None when
+    Pillow cannot read the header (decoding the file will say what is wrong)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            return width * height
+    except Exception:  # any unreadable header: the decode that follows reports it
+        return None
 
 
 def check_pixels(pixels: int, max_pixels: int) -> None:

@@ -56,7 +56,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from imageclf.batching import Batcher
-from imageclf.images import BadImage, header_pixels
+from imageclf.images import BadImage
 from imageclf.paths import EVAL_METRICS, EXPORT_METRICS
 from imageclf.predict import Classifier, load_classifier
 from imageclf.protocols import (
@@ -76,6 +76,7 @@ from imageclf.protocols import (
     check_count,
     content_type,
     decode_files,
+    header_pixels,
     parse,
     require_json,
     split_binary,
