@@ -98,7 +98,6 @@ def model_busy(model: Path, clients: int = 16, port: int = 8137) -> str:
         code = (
             f"import sys; sys.path.insert(0, {str(PROJECT)!r}); from benchmarks import serve as b; "
             "r = b.upload_request('/predict', 'image', b.test_images()['32x32 PNG']); "
-            f"b.measure({port}, r, {clients}); "  # warm-up
             f"open(sys.argv[1], 'w').write(repr(b.measure({port}, r, {clients})))"
         )
         with tempfile.TemporaryDirectory() as folder:
@@ -107,14 +106,13 @@ def model_busy(model: Path, clients: int = 16, port: int = 8137) -> str:
             calls.clear()
             subprocess.run([sys.executable, "-c", code, str(out)], check=True)
             cell = out.read_text()
-        measured = list(calls)
-        span = measured[-1][1] - measured[0][0]
-        busy = sum(end - start for start, end, _ in measured)
-        images = sum(size for *_, size in measured)
-        gaps = [measured[i + 1][0] - measured[i][1] for i in range(len(measured) - 1)]
+        span = calls[-1][1] - calls[0][0]
+        busy = sum(end - start for start, end, _ in calls)
+        images = sum(size for *_, size in calls)
+        gaps = [calls[i + 1][0] - calls[i][1] for i in range(len(calls) - 1)]
         report.append(
             f"{cell}\nmodel busy {100 * busy / span:.0f}% of {span:.1f} s: "
-            f"{len(measured)} calls, mean batch {images / len(calls):.1f}, "
+            f"{len(calls)} calls, mean batch {images / len(calls):.1f}, "
             f"{1e3 * busy / images:.3f} ms per image, mean gap between calls "
             f"{1e3 * float(np.mean(gaps)):.2f} ms"
         )
