@@ -135,7 +135,7 @@ def _read_split(
         count = 0
         for path in files:
             try:
-                pixels = decode_image(path)
+                pixels = decode_image(path, size=image_size)
             except BadImage as exc:
                 if on_bad_image == "fail":
                     raise PipelineError(

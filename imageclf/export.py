@@ -4,9 +4,10 @@
   (uint8, N x H x W x 3, any size) -> "probabilities" (float32, N x C).
 - TFLite, float32 or dynamic-range int8, with the same `serving_default` signature (dynamic
   input shape).
-The class names travel inside both: the SavedModel has a `class_names` signature without
-inputs that returns them (strings); the TFLite file ends with a zip archive holding
-`labels.txt`, one name a line (`zipfile.ZipFile("model.tflite").read("labels.txt")`).
+The class names and the side the model resizes images to travel inside both: the SavedModel
+has `class_names` and `input_size` signatures without inputs that return them; the TFLite file
+ends with a zip archive holding `labels.txt`, one name a line
+(`zipfile.ZipFile("model.tflite").read("labels.txt")`), and `input_size.txt`.
 `imageclf.predict.load_classifier` loads either.
 """
 
@@ -26,8 +27,15 @@ import tensorflow as tf
 
 from imageclf.errors import PipelineError
 from imageclf.fileio import atomic_path
-from imageclf.models import class_names
-from imageclf.predict import CLASS_NAMES_SIGNATURE, SERVING_SIGNATURE, TFLITE_LABELS, Classifier
+from imageclf.models import class_names, input_size
+from imageclf.predict import (
+    CLASS_NAMES_SIGNATURE,
+    INPUT_SIZE_SIGNATURE,
+    SERVING_SIGNATURE,
+    TFLITE_INPUT_SIZE,
+    TFLITE_LABELS,
+    Classifier,
+)
 
 MIN_AGREEMENT = 0.995  # share of test images on which a float format must match Keras' class
 
@@ -66,7 +74,7 @@ def export_tflite(model: keras.Model, path: Path, int8: bool = False) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # One signature only: LiteRT's XNNPACK delegate (about 5x faster here) runs the first
         # subgraph alone, and signatures are ordered by name.
-        _write_saved_model(model, serve, Path(tmp), with_class_names=False)
+        _write_saved_model(model, serve, Path(tmp), with_metadata=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
         if int8:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -75,13 +83,14 @@ def export_tflite(model: keras.Model, path: Path, int8: bool = False) -> None:
         out.write_bytes(flatbuffer)
         with zipfile.ZipFile(out, "a") as archive:  # appended after the flatbuffer
             archive.writestr(TFLITE_LABELS, "".join(f"{name}\n" for name in class_names(model)))
+            archive.writestr(TFLITE_INPUT_SIZE, f"{input_size(model)}\n")
 
 
 def _write_saved_model(
-    model: keras.Model, serve: Callable, folder: Path, with_class_names: bool = True
+    model: keras.Model, serve: Callable, folder: Path, with_metadata: bool = True
 ) -> None:
-    """A SavedModel with `model`'s variables, serving `serve`, and a signature returning
-    `model`'s class names."""
+    """A SavedModel with `model`'s variables, serving `serve`, and (`with_metadata`)
+    signatures returning `model`'s class names and input size."""
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
@@ -89,11 +98,17 @@ def _write_saved_model(
         fn=lambda image: {"probabilities": serve(image)},
         input_signature=[keras.InputSpec(shape=(None, None, None, 3), dtype="uint8", name="image")],
     )
-    if with_class_names:
+    if with_metadata:
         names = tf.constant(class_names(model))
         archive.add_endpoint(
             name=CLASS_NAMES_SIGNATURE,
             fn=lambda: {CLASS_NAMES_SIGNATURE: names},
+            input_signature=[],
+        )
+        size = tf.constant(input_size(model), tf.int32)
+        archive.add_endpoint(
+            name=INPUT_SIZE_SIGNATURE,
+            fn=lambda: {INPUT_SIZE_SIGNATURE: size},
             input_signature=[],
         )
     archive.write_out(str(folder), verbose=False)

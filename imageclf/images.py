@@ -30,7 +30,10 @@ class BadImage(PipelineError):
 
 
 def decode_image(
-    source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+    source: bytes | str | Path,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+    size: int | None = None,
 ) -> np.ndarray:
     """Decode an image file (any format Pillow reads; the first frame of an animation) to
     uint8 RGB pixels, H x W x 3, upright as its EXIF orientation says.
@@ -41,6 +44,11 @@ def decode_image(
         source: the file's path, or its bytes (an upload).
         max_pixels: refuse images with more pixels than this, before decoding them.
         name: what error messages call the image (default: its path, or "image").
+        size: the side the caller resizes the image to afterwards (a model's input). A JPEG
+            much larger than that is decoded at 1/2, 1/4 or 1/8 of its size, as long as both
+            sides stay at least `size`: libjpeg scales in its inverse DCT, which averages
+            like an antialiased resize and skips most of the decoding work (a 640 x 480
+            photo for a 32-pixel model: 80 x 60, 2.5x faster to decode).
 
     Raises:
         BadImage: naming the image and what is wrong with it.
@@ -54,6 +62,8 @@ def decode_image(
                     f"{label}: {width} x {height} = {width * height:,} pixels, over the limit "
                     f"of {max_pixels:,}; shrink the image, or raise the limit (--max-pixels)"
                 )
+            if size is not None:
+                image.draft("RGB", (size, size))  # only JPEGs have a draft mode
             return np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise BadImage(f"{label}: no such file") from None

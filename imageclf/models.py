@@ -205,6 +205,11 @@ def class_names(model: keras.Model) -> list[str]:
     return model.get_layer("probabilities").class_names
 
 
+def input_size(model: keras.Model) -> int:
+    """The side a model built by `build_model` resizes every input image to."""
+    return model.get_layer("resize").height
+
+
 def _conv_bn(x, filters: int, name: str, pool: bool = False):
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
     if pool:

@@ -34,6 +34,8 @@ from imageclf.images import DEFAULT_MAX_PIXELS, BadImage, decode_image
 SERVING_SIGNATURE = "serving_default"
 CLASS_NAMES_SIGNATURE = "class_names"
 TFLITE_LABELS = "labels.txt"
+TFLITE_INPUT_SIZE = "input_size.txt"  # the side the model resizes images to, as a number
+INPUT_SIZE_SIGNATURE = "input_size"
 MODEL_FORMATS = "a .keras file, an exported SavedModel folder or a .tflite file"
 EXPORT_IT = "export the model with this project's export stage (`dvc repro export`)"
 
@@ -48,6 +50,9 @@ class Classifier:
     class_names: list[str]
     run: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     batch_size: int = 64  # larger inputs run in chunks of this many images
+    # the side the model resizes images to (None: unknown, an export older than 2026-11-30),
+    # so that large JPEGs can be decoded at a reduced scale (`decode_image`'s `size`)
+    input_size: int | None = None
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
@@ -99,7 +104,7 @@ def _load_keras(path: Path) -> Classifier:
         raise PipelineError(
             f"{path}: not a .keras model file (those are zip archives); name {MODEL_FORMATS}"
         )
-    from imageclf.models import class_names, load_model
+    from imageclf.models import class_names, input_size, load_model
 
     model = load_model(path)
     try:
@@ -110,7 +115,7 @@ def _load_keras(path: Path) -> Classifier:
             "names; use a model trained by this project's pipeline"
         ) from None
     # predict_on_batch: one compiled call per batch, without model.predict's per-call setup
-    return Classifier(path, "keras", names, model.predict_on_batch)
+    return Classifier(path, "keras", names, model.predict_on_batch, input_size=input_size(model))
 
 
 def _load_saved_model(path: Path) -> Classifier:
@@ -125,12 +130,15 @@ def _load_saved_model(path: Path) -> Classifier:
     names = signatures[CLASS_NAMES_SIGNATURE]()[CLASS_NAMES_SIGNATURE].numpy()
     names = [name.decode() for name in names]
     serve = signatures[SERVING_SIGNATURE]
+    size = None
+    if INPUT_SIZE_SIGNATURE in signatures:
+        size = int(signatures[INPUT_SIZE_SIGNATURE]()[INPUT_SIZE_SIGNATURE].numpy())
 
     # `keep`: the signature does not keep its loaded object alive, and with it go the variables
     def run(images: np.ndarray, keep: object = loaded) -> np.ndarray:
         return serve(image=tf.constant(images))["probabilities"].numpy()
 
-    return Classifier(folder, "saved_model", names, run)
+    return Classifier(folder, "saved_model", names, run, input_size=size)
 
 
 def saved_model_version(path: Path) -> Path:
@@ -159,6 +167,8 @@ def _load_tflite(path: Path) -> Classifier:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.read(TFLITE_LABELS).decode().splitlines()
+            members = archive.namelist()
+            size = int(archive.read(TFLITE_INPUT_SIZE)) if TFLITE_INPUT_SIZE in members else None
     except (zipfile.BadZipFile, KeyError):
         message = f"{path}: no {TFLITE_LABELS} (class names) in it; {EXPORT_IT}"
         raise PipelineError(message) from None
@@ -169,7 +179,7 @@ def _load_tflite(path: Path) -> Classifier:
         with lock:  # the runner resizes the input tensor to each batch's shape
             return runner(image=np.ascontiguousarray(images))["probabilities"]
 
-    return Classifier(path, "tflite", names, run)
+    return Classifier(path, "tflite", names, run, input_size=size)
 
 
 # --- Many files -----------------------------------------------------------------------------
@@ -248,7 +258,15 @@ def predict_files(
     for first in range(READERS):
         threading.Thread(
             target=_read_batches,
-            args=(files, range(first, len(files), READERS), batch_size, max_pixels, batches, stop),
+            args=(
+                files,
+                range(first, len(files), READERS),
+                batch_size,
+                max_pixels,
+                classifier.input_size,
+                batches,
+                stop,
+            ),
             name=f"imageclf-reader-{first}",
             daemon=True,
         ).start()
@@ -278,6 +296,7 @@ def _read_batches(
     indices: range,
     batch_size: int,
     max_pixels: int,
+    size: int | None,
     batches: queue.Queue,
     stop: threading.Event,
 ) -> None:
@@ -304,7 +323,7 @@ def _read_batches(
             if stop.is_set():
                 return
             try:
-                image = decode_image(files[index], max_pixels=max_pixels)
+                image = decode_image(files[index], max_pixels=max_pixels, size=size)
             except BadImage as exc:
                 put(([index], exc))
                 continue

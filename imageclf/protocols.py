@@ -157,14 +157,17 @@ def validation_message(exc: ValidationError | RequestValidationError) -> str:
 # --- Images and limits -------------------------------------------------------------------
 
 
-def decode_files(files: list[tuple[str, bytes]], max_pixels: int) -> list[np.ndarray]:
+def decode_files(
+    files: list[tuple[str, bytes]], max_pixels: int, size: int | None = None
+) -> list[np.ndarray]:
     """Decode uploaded image files; their pixels together may not exceed `max_pixels`
-    (a request of many small "decompression bombs" is refused like one big one)."""
+    (a request of many small "decompression bombs" is refused like one big one). `size`: the
+    model's input side (`decode_image`)."""
     images = []
     for name, data in files:
         if not data:
             raise BadImage(f"{name}: empty file")
-        images.append(decode_image(data, max_pixels=max_pixels, name=name))
+        images.append(decode_image(data, max_pixels=max_pixels, name=name, size=size))
         check_pixels(sum(image.shape[0] * image.shape[1] for image in images), max_pixels)
     return images
 
@@ -343,7 +346,9 @@ def tf_serving_instances(request: TFServingRequest) -> list[Any]:
     return request.instances
 
 
-def tf_serving_image(instance: Any, index: int, max_pixels: int) -> np.ndarray:
+def tf_serving_image(
+    instance: Any, index: int, max_pixels: int, size: int | None = None
+) -> np.ndarray:
     """One instance: an H x W x 3 nested list, {"b64": encoded image} or {"image": either}."""
     what = f"instances[{index}]"
     if isinstance(instance, dict) and set(instance) == {INPUT}:
@@ -358,7 +363,7 @@ def tf_serving_image(instance: Any, index: int, max_pixels: int) -> np.ndarray:
             data = base64.b64decode("".join(instance["b64"].split()), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise RequestError(f"{what}.b64: not base64 ({exc})") from None
-        return decode_files([(what, data)], max_pixels)[0]
+        return decode_files([(what, data)], max_pixels, size)[0]
     if not isinstance(instance, list):
         raise RequestError(f"{what}: give an H x W x 3 nested list of 0..255 or {{'b64': ...}}")
     image = uint8_images(instance, what)
@@ -367,10 +372,12 @@ def tf_serving_image(instance: Any, index: int, max_pixels: int) -> np.ndarray:
     return image
 
 
-def tf_serving_images(instances: list[Any], max_pixels: int) -> list[np.ndarray]:
+def tf_serving_images(
+    instances: list[Any], max_pixels: int, size: int | None = None
+) -> list[np.ndarray]:
     """The images of a predict request's instances (in a worker thread: decoding is work)."""
     images = []
     for index, instance in enumerate(instances):  # checked as they come: memory stays bounded
-        images.append(tf_serving_image(instance, index, max_pixels))
+        images.append(tf_serving_image(instance, index, max_pixels, size))
         check_pixels(sum(image.shape[0] * image.shape[1] for image in images), max_pixels)
     return images

@@ -381,7 +381,9 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
                 body = await request.body()
                 instances = tf_serving_instances(parse(TFServingRequest, body))
                 check_count(len(instances), settings.max_images)
-                images = await run_in_threadpool(tf_serving_images, instances, settings.max_pixels)
+                images = await run_in_threadpool(
+                    tf_serving_images, instances, settings.max_pixels, classifier.input_size
+                )
             probabilities = await service.batcher.predict(images)
             return JSONResponse({"predictions": probabilities.tolist()})
 
@@ -427,7 +429,7 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
                 )
             with service.batcher.arriving(), _reading("uploaded images"):
                 files = await _uploads(request, settings.max_images)
-                images = await _decode(files, settings.max_pixels)
+                images = await _decode(files, settings.max_pixels, classifier.input_size)
             probabilities = await service.batcher.predict(images)
             classes = service.card.class_names
             predictions = []
@@ -465,15 +467,17 @@ async def _uploads(request: Request, max_images: int) -> list[tuple[str, bytes]]
         ]
 
 
-async def _decode(files: list[tuple[str, bytes]], max_pixels: int) -> list[np.ndarray]:
+async def _decode(
+    files: list[tuple[str, bytes]], max_pixels: int, size: int | None
+) -> list[np.ndarray]:
     """`decode_files`, in the event loop for small images, else in a worker thread. Handing a
     32 x 32 PNG to a thread and back costs more of the loop's time than decoding it there
     (benchmarks/serve_path.py: about 0.47 against 0.37 ms of CPU per request); a large image
     goes to a thread, so that the loop goes on serving others while it decodes."""
-    sizes = [header_pixels(data) for _, data in files]
-    if all(size is not None for size in sizes) and sum(sizes) <= INLINE_DECODE_PIXELS:
-        return decode_files(files, max_pixels)
-    return await run_in_threadpool(decode_files, files, max_pixels)
+    pixels = [header_pixels(data) for _, data in files]
+    if all(count is not None for count in pixels) and sum(pixels) <= INLINE_DECODE_PIXELS:
+        return decode_files(files, max_pixels, size)
+    return await run_in_threadpool(decode_files, files, max_pixels, size)
 
 
 def _body(schema: str, description: str, media_types: tuple[str, ...]) -> dict:

@@ -73,6 +73,8 @@ def test_saved_model_with_plain_tensorflow(
     loaded = tf.saved_model.load(str(finished_repo / "export" / "saved_model" / "1"))
     names = loaded.signatures["class_names"]()["class_names"].numpy()
     assert [name.decode() for name in names] == class_names(keras_model)
+    # the side it resizes to, for decoding large JPEGs at a reduced scale (repos.py: 16)
+    assert loaded.signatures["input_size"]()["input_size"].numpy() == 16
     serve = loaded.signatures["serving_default"]
     for images in samples:
         probabilities = serve(image=tf.constant(images))["probabilities"].numpy()
@@ -90,6 +92,7 @@ def test_tflite_with_plain_litert(
     path = finished_repo / "export" / "model.tflite"
     with zipfile.ZipFile(path) as archive:  # the class names travel inside the file
         assert archive.read("labels.txt").decode().splitlines() == class_names(keras_model)
+        assert archive.read("input_size.txt") == b"16\n"  # and the side it resizes to
     serve = Interpreter(model_path=str(path)).get_signature_runner()  # any input size
     test_split, *resized = samples
     probabilities = serve(image=test_split)["probabilities"]

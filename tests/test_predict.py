@@ -133,6 +133,37 @@ def test_globs_files_csv_top_k_and_skip(photos: Path, tiny_model: Path) -> None:
     assert status == 0
 
 
+def test_a_large_photo_decoded_near_the_model_size_same_answer(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from imageclf.images import decode_image
+    from imageclf.models import class_names, load_model
+
+    # a smooth 640 x 480 photo with grain, as a JPEG and as a PNG
+    y, x = np.mgrid[0:480, 0:640] / 640
+    pixels = np.stack([120 + 100 * np.sin(6 * x + c) * np.cos(4 * y - c) for c in range(3)], -1)
+    pixels += np.random.default_rng(0).normal(0, 12, pixels.shape)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    image.save(tmp_path / "photo.jpg", quality=90)
+    image.save(tmp_path / "photo.png")
+    # for a model of 16 x 16 inputs, libjpeg decodes at 1/8 (80 x 60 still covers 16); a
+    # model of 100 lets it go to 1/4 only; a PNG has no such decoding and comes whole
+    assert decode_image(tmp_path / "photo.jpg", size=16).shape == (60, 80, 3)
+    assert decode_image(tmp_path / "photo.jpg", size=100).shape == (120, 160, 3)
+    assert decode_image(tmp_path / "photo.png", size=16).shape == (480, 640, 3)
+
+    # `imageclf predict` decodes so; the answer is the Keras model's on the whole photo
+    status, out, _ = predict(tmp_path, "photo.jpg", "--model", str(tiny_model), "--json")
+    [row] = [json.loads(line) for line in out.splitlines()]
+    model = load_model(tiny_model)
+    whole = model.predict(decode_image(tmp_path / "photo.jpg")[None], verbose=0)[0]
+    expected = dict(zip(class_names(model), whole.tolist()))
+    assert status == 0
+    assert len(row["top"]) == len(expected)
+    for entry in row["top"]:
+        assert entry["probability"] == pytest.approx(expected[entry["class"]], abs=0.01)
+
+
 def test_table_and_a_configurable_pixel_limit(photos: Path, tiny_model: Path) -> None:
     # 16 x 16 = 256 pixels pass a limit of 1,000; 40 x 23 = 920 too; 50 x 40 = 2,000 do not
     status, out, err = predict(
