@@ -4,12 +4,13 @@ Flask app that calls `model.predict` once per request (the original project's su
 
 Each client sends one image per request to POST /predict, one request after another on a
 keep-alive connection: a 32 x 32 PNG, then a 640 x 480 JPEG. The service runs with the Keras
-model and with its TFLite export, each with dynamic batching (the defaults) and without it
-(--max-batch 1). Then a fresh service takes 10,000 requests, and its resident memory (RSS)
-after the first 100 and after all of them is compared.
+model and with its TFLite export, each with dynamic batching (the defaults), with it in one
+worker process per core (--workers N), and without batching (--max-batch 1). Then a fresh
+service takes 10,000 requests, and its resident memory (RSS) after the first 100 and after all
+of them is compared.
 
     pip install -r benchmarks/requirements.txt    # Flask, for the baseline
-    python benchmarks/serve.py                    # about 6 minutes on 2 cores
+    python benchmarks/serve.py                    # about 10 minutes on 2 cores
 
 Without models/finetuned.keras (a full `dvc repro`), a stand-in of the same architecture and
 size (fastnet [64, 256, 256], 10 classes, 32 x 32) is built with random weights: throughput,
@@ -338,12 +339,13 @@ def run(model: Path, tflite: Path, tmp: Path) -> None:
 
     ceilings: dict[str, dict[str, float]] = {}
     rows: dict[tuple[str, str], dict[int, Cell]] = {}
-    setups = [
-        ("Keras, batching", model, ()),
-        ("Keras, no batching", model, ("--max-batch", "1")),
-        ("TFLite, batching", tflite, ()),
-        ("TFLite, no batching", tflite, ("--max-batch", "1")),
-    ]
+    cores = len(os.sched_getaffinity(0))
+    setups = []
+    for kind, path in (("Keras", model), ("TFLite", tflite)):
+        setups.append((f"{kind}, batching", path, ()))
+        if cores > 1:  # one worker process per core, each with its batching queue
+            setups.append((f"{kind}, batching, {cores} workers", path, ("--workers", str(cores))))
+        setups.append((f"{kind}, no batching", path, ("--max-batch", "1")))
     for label, path, options in setups:
         kind = label.split(",")[0]
         if kind not in ceilings:  # measured just before the servers of its format
@@ -401,14 +403,17 @@ def summary(rows: dict, ceilings: dict, files: dict, rss_100: float, rss_10000: 
     print("\n(requests per second, p50 / p99 latency; one image per request)\n")
     naive = "Flask + model.predict (naive)"
     for image in files:
-        for model in ("Keras", "TFLite"):
-            served = rows[f"{model}, batching", image][16].requests_per_second
+        for label, cells in rows.items():
+            model = label[0].split(",")[0]
+            if label[1] != image or "," not in label[0] or "no batching" in label[0]:
+                continue
+            served = cells[16].requests_per_second
             top = ceilings[model][image]
             baseline = rows[naive, image][16].requests_per_second
             print(
-                f"{model:6} {image:13} ceiling {top:6.0f} img/s; at 16 clients the service "
-                f"reaches {served / top:5.0%} of it and {served / baseline:5.1f}x the naive "
-                "Flask app"
+                f"{label[0]:26} {image:13} ceiling {top:5.0f} img/s; at 16 clients the "
+                f"service reaches {served / top:4.0%} of it and {served / baseline:5.1f}x the "
+                "naive Flask app"
             )
     p50 = rows["Keras, batching", "32x32 PNG"][1].p50_ms
     print(f"single-client p50, 32x32 PNG, Keras: {p50:.1f} ms")

@@ -42,6 +42,7 @@ class Batcher:
         max_batch: the most images in one model call; 1 turns batching off.
         wait: seconds the oldest queued image may wait for requests being read to join.
         on_batch: called with the size of every model call (for metrics).
+        on_queued: called with the number of images queued, whenever it changes (metrics).
     """
 
     def __init__(
@@ -50,25 +51,22 @@ class Batcher:
         max_batch: int,
         wait: float,
         on_batch: Callable[[int], None] = lambda size: None,
+        on_queued: Callable[[int], None] = lambda count: None,
     ) -> None:
         self._predict = predict
         self.max_batch = max_batch
         self.wait = wait
         self._on_batch = on_batch
+        self._on_queued = on_queued
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued = asyncio.Event()  # the queue is not empty
-        self._changed = asyncio.Event()  # images queued, or a request done being read
+        self._changed = asyncio.Event()  # a waiting batch may go now (`_ready`)
         self._arriving = 0  # requests being read, whose images will soon queue
         self._last_size = 1  # images in the previous batch: the size of the load, lately
         # one thread: the model uses every core for one call, and not all formats are
         # thread-safe (a TFLite interpreter is not)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._task: asyncio.Task | None = None
-
-    @property
-    def queued(self) -> int:
-        """Images waiting for the model."""
-        return len(self._queue)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -95,7 +93,7 @@ class Batcher:
             yield
         finally:
             self._arriving -= 1
-            self._changed.set()
+            self._wake_if_ready()
 
     @property
     def running(self) -> bool:
@@ -106,9 +104,22 @@ class Batcher:
         loop = asyncio.get_running_loop()
         items = [_Item(image, loop.create_future()) for image in images]
         self._queue.extend(items)
+        self._on_queued(len(self._queue))
         self._queued.set()
-        self._changed.set()
+        self._wake_if_ready()
         return np.stack(await asyncio.gather(*(item.future for item in items)))
+
+    def _ready(self) -> bool:
+        """The queued images may go now: a full batch, or no request is being read and as
+        many images queued as the previous batch held."""
+        queued = len(self._queue)
+        return queued >= self.max_batch or (not self._arriving and queued >= self._last_size)
+
+    def _wake_if_ready(self) -> None:
+        # only then: each wake-up of a waiting batch costs the event loop about 15 us (a new
+        # `wait_for`: a task and a timer), and under load every request used to cause one
+        if self._ready():
+            self._changed.set()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -117,9 +128,7 @@ class Batcher:
             # counted from the oldest image's arrival: images that queued while the model was
             # busy have waited already
             deadline = self._queue[0].arrived + self.wait
-            while len(self._queue) < self.max_batch and (
-                self._arriving or len(self._queue) < self._last_size
-            ):
+            while not self._ready():
                 delay = deadline - time.monotonic()
                 if delay <= 0:
                     break
@@ -128,6 +137,7 @@ class Batcher:
                     await asyncio.wait_for(self._changed.wait(), delay)
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
             self._last_size = len(batch)
+            self._on_queued(len(self._queue))
             if not self._queue:
                 self._queued.clear()
             for group in _by_shape(batch):

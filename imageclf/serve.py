@@ -26,11 +26,13 @@ import html
 import importlib.metadata
 import json
 import logging
+import os
 import string
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +51,10 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from imageclf.batching import Batcher
@@ -77,6 +79,7 @@ from imageclf.protocols import (
     content_type,
     decode_files,
     header_pixels,
+    multipart_files,
     parse,
     require_json,
     split_binary,
@@ -93,6 +96,8 @@ log = logging.getLogger("imageclf.serve")
 STATIC = Path(__file__).parent / "static"
 PLATFORMS = {"keras": "tensorflow_keras", "saved_model": "tensorflow_savedmodel"}
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's: metrics of all workers
+WORKER_CONFIG = "IMAGECLF_SERVE_WORKER"  # what a worker process serves (JSON), for `worker_app`
 # a request's images decode in the event loop up to this many pixels together (~0.2 ms of
 # decoding at most), in a worker thread above (`_decode`)
 INLINE_DECODE_PIXELS = 128 * 128
@@ -218,21 +223,36 @@ class Service:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
+        # with several workers: summed over the live ones (ignored with one process)
         self.in_progress = Gauge(
             "imageclf_inference_requests_in_progress",
             "Classification requests being read, queued or answered",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.queued = Gauge(
-            "imageclf_queued_images", "Images waiting for the model", registry=self.registry
+            "imageclf_queued_images",
+            "Images waiting for the model",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.batcher = Batcher(
             classifier.predict,
             max_batch=settings.max_batch,
             wait=settings.batch_wait_ms / 1000,
             on_batch=self.batch_sizes.observe,
+            on_queued=self.queued.set,
         )
-        self.queued.set_function(lambda: self.batcher.queued)
+
+    def metrics(self) -> bytes:
+        """The Prometheus text format: this process's metrics, or with several workers
+        (`PROMETHEUS_MULTIPROC_DIR` set) those of all of them, which prometheus-client keeps
+        in files there."""
+        if MULTIPROCESS_DIR not in os.environ:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
 
     def check_name(self, name: str) -> None:
         if name != self.settings.name:
@@ -444,7 +464,7 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
     @app.get("/metrics", tags=["Operations"], response_class=Response)
     async def metrics() -> Response:
         """Prometheus metrics: requests by route and status, latency, batch sizes, queue."""
-        return Response(generate_latest(service.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(service.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = _openapi_with(app, (InferenceRequest, TFServingRequest))
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 1024 * 1024))
@@ -454,17 +474,13 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
 
 async def _uploads(request: Request, max_images: int) -> list[tuple[str, bytes]]:
     """The uploaded files of a multipart request, as (file name, content)."""
-    async with request.form(max_files=max_images, max_fields=max_images) as form:
-        uploads = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-        if not uploads:
-            raise RequestError(
-                "no file in the request; upload images as multipart/form-data, "
-                "e.g. curl -F file=@cat.jpg http://HOST/predict"
-            )
-        return [
-            (upload.filename or f"file {i + 1}", await upload.read())
-            for i, upload in enumerate(uploads)
-        ]
+    files = multipart_files(await request.body(), request.headers["content-type"], max_images)
+    if not files:
+        raise RequestError(
+            "no file in the request; upload images as multipart/form-data, "
+            "e.g. curl -F file=@cat.jpg http://HOST/predict"
+        )
+    return files
 
 
 async def _decode(
@@ -621,8 +637,8 @@ def _fewer_malloc_arenas() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model once, then serve until SIGINT or SIGTERM (which first answers the
-    requests in flight)."""
+    """Load the model once (per worker process), then serve until SIGINT or SIGTERM (which
+    first answers the requests in flight)."""
     _fewer_malloc_arenas()
     settings = Settings(
         name=args.name,
@@ -631,31 +647,102 @@ def run(args: argparse.Namespace) -> int:
         max_body_mb=args.max_body_mb,
         max_images=args.max_images,
         max_pixels=args.max_pixels,
+        workers=args.workers,
     )
-    classifier = load_classifier(args.model)
-    # the first call builds the model's graph; pay for it before the first request does
-    classifier.predict(np.zeros((1, 32, 32, 3), np.uint8))
-    app = create_app(classifier, settings)
+    # loaded here also with several workers: a model that does not load is one clear error
+    classifier = _load_warm(args.model)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
     log.info(
-        "serving %s (%s, %d classes) as %r on http://%s:%d",
+        "serving %s (%s, %d classes) as %r on http://%s:%d%s",
         args.model,
         classifier.format,
         len(classifier.class_names),
         settings.name,
         args.host,
         args.port,
+        f" with {settings.workers} worker processes" if settings.workers > 1 else "",
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(
             "listening beyond this machine without TLS or authentication: put a reverse proxy "
             "in front (README, 'Before exposing it')"
         )
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        access_log=False,  # /metrics counts requests; a reverse proxy in front logs them
-        timeout_graceful_shutdown=30,
-    )
+    server = {
+        "host": args.host,
+        "port": args.port,
+        "access_log": False,  # /metrics counts requests; a reverse proxy in front logs them
+        "timeout_graceful_shutdown": 30,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(classifier, settings), **server)
+        return 0
+    del classifier  # the workers load their own
+    with tempfile.TemporaryDirectory(prefix="imageclf-serve-") as shared:
+        # read by the workers, which uvicorn starts afresh (spawn): prometheus-client reads
+        # its variable on import, so it is set before
+        os.environ[MULTIPROCESS_DIR] = shared
+        os.environ[WORKER_CONFIG] = json.dumps(
+            {"model": str(args.model), "settings": asdict(settings), "slots": shared}
+        )
+        uvicorn.run("imageclf.serve:worker_app", factory=True, workers=settings.workers, **server)
     return 0
+
+
+def worker_app() -> FastAPI:
+    """uvicorn's app factory in each worker process of `imageclf serve --workers N`.
+
+    The model's threads get an equal share of the cores (on 2 cores and 2 workers: one each,
+    one thread), so that two workers' model calls do not fight over the same cores; the event
+    loop and the decoding threads run on any core, so that one worker reads and answers
+    requests while another's model runs (benchmarks/serve.py)."""
+    config = json.loads(os.environ[WORKER_CONFIG])
+    settings = Settings(**config["settings"])
+    every_core = os.sched_getaffinity(0)
+    # thread pools size themselves by the cores this process may use when the model loads,
+    # and their threads keep the affinity they are started with
+    os.sched_setaffinity(0, _model_cores(Path(config["slots"]), settings.workers))
+    classifier = _load_warm(config["model"])
+    os.sched_setaffinity(0, every_core)
+    return create_app(classifier, settings)
+
+
+def _model_cores(slots: Path, workers: int) -> list[int]:
+    """The cores of a free worker slot: slot i of N has every N-th core from the i-th. A slot
+    is claimed by linking a file holding the worker's pid to its name (atomic between
+    processes, and never seen empty); a worker that uvicorn restarts takes over the slot of
+    the one that died."""
+    cores = sorted(os.sched_getaffinity(0))
+    mine = slots / f"claim-{os.getpid()}"
+    mine.write_text(str(os.getpid()))
+    try:
+        for slot in range(workers):
+            path = slots / f"worker-{slot}.pid"
+            try:
+                os.link(mine, path)
+            except FileExistsError:
+                if _alive(int(path.read_text())):
+                    continue
+                os.replace(mine, path)  # its worker died
+            return cores[slot::workers] or [cores[slot % len(cores)]]  # more workers than cores
+        return cores
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:  # 0 and -1 would signal process groups
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _load_warm(model: Path | str) -> Classifier:
+    classifier = load_classifier(model)
+    # the first call builds the model's graph; pay for it before the first request does
+    classifier.predict(np.zeros((1, 32, 32, 3), np.uint8))
+    return classifier

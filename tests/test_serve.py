@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -348,10 +349,16 @@ def _bad_requests() -> list[tuple[str, str, bytes, dict, int, str]]:
     body, content_type = upload(("cut.jpg", jpeg[: len(jpeg) // 2]))
     case("truncated JPEG", "/predict", body, {"Content-Type": content_type}, 400, "cut.jpg")
     body, content_type = upload(*[(f"{i}.jpg", jpeg) for i in range(MAX_IMAGES + 1)])
-    case("too many files", "/predict", body, {"Content-Type": content_type}, 400, "files")
+    case("too many files", "/predict", body, {"Content-Type": content_type}, 413, "--max-images")
     body, content_type = upload()
     case("no file", "/predict", body, {"Content-Type": content_type}, 400, "no file")
     case("JSON to /predict", "/predict", b"{}", JSON, 415, "multipart/form-data")
+    body, content_type = upload(("a.jpg", jpeg))
+    headers = {"Content-Type": "multipart/form-data"}
+    case("multipart without boundary", "/predict", body, headers, 400, "boundary")
+    headers = {"Content-Type": content_type}
+    case("multipart cut short", "/predict", body[:-30], headers, 400, "closing boundary")
+    case("not multipart at all", "/predict", b"%PDF-1.4", headers, 400, "multipart/form-data")
     body, content_type = multipart((("a.jpg", jpeg),))
     case("top_k 0", "/predict?top_k=0", body, {"Content-Type": content_type}, 400, "top_k")
 
@@ -603,6 +610,53 @@ def test_concurrent_requests_share_a_model_call_and_sigterm_answers_those_in_fli
         assert "Finished server process" in log.read_text()
     finally:
         batching.stop()
+
+
+def test_two_worker_processes_answer_alike_count_together_and_stop_on_sigterm(
+    server: Server, tiny_model: Path, red_image: np.ndarray, tmp_path: Path
+) -> None:
+    """`--workers 2`: two worker processes, answering as the one-process service does;
+    /metrics counts the requests of both; SIGTERM stops them all."""
+    log = tmp_path / "log"
+    workers = Server(tiny_model, log, "--workers", "2")
+    try:
+        deadline = time.monotonic() + 60  # ready once the first worker is; the second follows
+        while log.read_text().count("Application startup complete") < 2:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        children = [
+            int(pid)
+            for pid in Path(f"/proc/{workers.process.pid}/task").glob("*/children")
+            for pid in pid.read_text().split()
+        ]
+        png = encoded(red_image)
+        expected = server.upload(("red.png", png))[1]["predictions"]
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: workers.upload(("red.png", png)), range(12)))
+        for status, answer in answers:
+            assert status == 200
+            for got, want in zip(answer["predictions"][0]["top"], expected[0]["top"]):
+                assert got["class"] == want["class"]
+                assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)
+        ok = 'imageclf_requests_total{method="POST",route="/predict",status="200"} 12.0'
+        assert ok in workers.metrics()  # both workers' requests, from either
+        workers.process.send_signal(signal.SIGTERM)
+        assert workers.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert log.read_text().count("Finished server process") == 2
+        deadline = time.monotonic() + 10  # multiprocessing's resource tracker ends last
+        while [pid for pid in children if _running(pid)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in children if _running(pid)]
+    finally:
+        workers.stop()
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (ended, waiting for its parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_an_exported_saved_model_serves_what_the_keras_model_does(
