@@ -50,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("--max-images", int, "most images in one request"),
         ("--max-pixels", int, "most pixels of one request's images together; larger images "
          "are refused before they are decoded"),
-        ("--workers", int, "server processes, each with its own copy of the model and an equal "
-         "share of the cores; on a CPU, as many as cores (README: Speed)"),
+        ("--workers", int, "server processes, each with its own copy of the model, whose "
+         "threads get an equal share of the cores; pays under heavy load (README: Speed)"),
     )  # fmt: skip
     for option, kind, text in tuning:
         default = getattr(defaults, option.removeprefix("--").replace("-", "_"))
