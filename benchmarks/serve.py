@@ -405,7 +405,7 @@ def summary(rows: dict, ceilings: dict, files: dict, rss_100: float, rss_10000: 
     for image in files:
         for label, cells in rows.items():
             model = label[0].split(",")[0]
-            if label[1] != image or "," not in label[0] or "no batching" in label[0]:
+            if label[1] != image or ", batching" not in label[0]:  # the batching rows
                 continue
             served = cells[16].requests_per_second
             top = ceilings[model][image]
