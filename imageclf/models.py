@@ -4,7 +4,7 @@ normalization, so a saved `.keras` file is all that evaluation or prediction nee
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import keras
@@ -288,6 +288,47 @@ APPLICATIONS: dict[str, tuple[Callable, str | None]] = {
     "resnet50": (keras.applications.ResNet50, "caffe"),
 }
 assert (*BUILDERS, *APPLICATIONS) == ARCHITECTURES, "keep imageclf.params.ARCHITECTURES in step"
+
+
+def with_precision(model: keras.Model, policy: str) -> keras.Model:
+    """`model` with its layers computing in `policy` ("float32", "mixed_bfloat16", ...) and the
+    same weights; the softmax stays float32. Training stages save float32 models whatever
+    policy trained them, so evaluation, export and prediction run them in full precision on any
+    machine; finetune converts the model back to the policy it trains in."""
+    if all(
+        layer.dtype_policy.name == policy
+        for layer in _all_layers(model)
+        if not isinstance(layer, (keras.Model, keras.layers.InputLayer, NamedSoftmax))
+    ):
+        return model
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        config = layer.get_config()
+        if not isinstance(layer, NamedSoftmax):
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    outer_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)  # for the input layers and the nested model
+    try:
+        copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    finally:
+        keras.config.set_dtype_policy(outer_policy)
+    # the clone leaves a nested model trainable; a pretrained backbone's own flag says that it
+    # is frozen, and unfreeze_top reads it
+    for original, copied in zip(_all_layers(model), _all_layers(copy)):
+        if isinstance(original, keras.Model):
+            copied.trainable = original.trainable
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _all_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+    """The layers of `model` and of the models nested in it, depth first."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
 
 
 def load_model(path: str | Path) -> keras.Model:

@@ -121,7 +121,7 @@ class TrainParams(Section):
     lookahead: bool
     label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
     jit_compile: Literal["auto"] | bool
-    precision: Literal["auto", "float32", "mixed_float16"]
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"]
     distribute: Literal["auto", "none", "mirrored", "multi_worker"]
     threads: Literal["auto"] | int
 

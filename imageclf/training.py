@@ -26,6 +26,7 @@ from imageclf.augment import copy_paths
 from imageclf.datasets import Split, load_meta, load_split
 from imageclf.errors import PipelineError
 from imageclf.fileio import atomic_path, write_json, write_text
+from imageclf.models import with_precision
 from imageclf.optimizers import SGD, AdamW, Muon, Triangular
 from imageclf.params import Params, TrainParams
 
@@ -42,18 +43,23 @@ def configure_runtime(params: TrainParams, seed: int) -> tf.distribute.Strategy:
     # No tf.config.experimental.enable_op_determinism(): Keras turns XLA off under it, and the
     # CPU kernels we use give the same numbers run to run without it (tests/ check this).
     keras.utils.set_random_seed(seed)
+    keras.mixed_precision.set_global_policy(precision_policy(params.precision))
     gpus = tf.config.list_physical_devices("GPU")
-    precision = params.precision
-    if precision == "auto":
-        # float16 tensor cores pay on NVIDIA GPUs; on a CPU float32 is the fast path
-        precision = "mixed_float16" if gpus else "float32"
-    keras.mixed_precision.set_global_policy(precision)
     if strategy is not None:
         return strategy
     if params.distribute == "mirrored" or (params.distribute == "auto" and len(gpus) > 1):
         devices = [d.name for d in tf.config.list_logical_devices("GPU" if gpus else "CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)
     return tf.distribute.get_strategy()
+
+
+def precision_policy(precision: str) -> str:
+    """The Keras dtype policy for `train.precision`; auto: mixed_float16 on NVIDIA GPUs (tensor
+    cores), float32 on a CPU. mixed_bfloat16 is opt-in: on CPUs with native bfloat16 (AVX512_BF16,
+    AMX) it trains faster (README: Hardware), but it was not shown to keep the accuracy."""
+    if precision != "auto":
+        return precision
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
 
 
 def _multi_worker_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
@@ -283,7 +289,7 @@ def run_training_stage(
     )
     # every worker saves: reading variables synchronized on read is a collective operation
     with atomic_path(root / model_path) as tmp:
-        model.save(tmp)
+        with_precision(model, "float32").save(tmp)
     write_json(root / paths.METRICS / f"{stage}.json", {**logs, "seconds": round(seconds, 1)})
     if root != Path(".") and stage == "finetune":
         shutil.rmtree(root)  # the last stage another worker takes part in

@@ -9,7 +9,7 @@ import numpy as np
 
 from imageclf import paths
 from imageclf.errors import run_stage
-from imageclf.models import load_model, unfreeze_top
+from imageclf.models import load_model, unfreeze_top, with_precision
 from imageclf.params import load_params
 from imageclf.training import output_root, pass_model_through, run_training_stage
 
@@ -22,7 +22,10 @@ def main() -> None:
 
     def make_model(meta: dict, train_images: np.ndarray) -> keras.Model:
         # another worker of a multi-worker run has the train stage's model in its own folder
-        model = load_model(output_root(params.train) / paths.MODEL)
+        # saved as float32: back to the policy this run trains in (train.precision)
+        model = with_precision(
+            load_model(output_root(params.train) / paths.MODEL), keras.config.dtype_policy().name
+        )
         unfrozen = unfreeze_top(model, params.finetune.unfreeze)
         if unfrozen is not None:
             print(f"Pretrained backbone: fine-tuning its top {unfrozen} layers with weights")

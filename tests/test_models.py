@@ -234,3 +234,49 @@ def test_model_trained_with_muon_loads_with_its_optimizer_state(tmp_path: Path) 
     for original, restored in zip(model.trainable_weights, loaded.trainable_weights):
         if len(original.shape) == 4:
             np.testing.assert_allclose(np.array(restored), np.array(original), atol=1e-6)
+
+
+def test_model_trained_in_bfloat16_is_saved_as_float32_and_trains_on_in_bfloat16() -> None:
+    import keras
+
+    from imageclf.models import with_precision
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
+    labels = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 48)]
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        trained = build_model(model_params(), META, images)  # whitening stem: frozen
+        trained.get_layer("backbone").get_layer("block3b_conv").trainable = False
+        frozen = build_model(model_params(), META)
+        frozen.get_layer("backbone").trainable = False  # as a pretrained backbone
+        trained.compile(optimizer="sgd", loss="categorical_crossentropy")
+        trained.fit(images, labels, batch_size=16, epochs=1, verbose=0)
+        saved = with_precision(trained, "float32")
+        resumed = with_precision(saved, "mixed_bfloat16")
+        frozen_copy = with_precision(frozen, "float32")
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+    def policies(model: keras.Model) -> dict[str, str]:
+        backbone = model.get_layer("backbone")
+        return {layer.name: layer.dtype_policy.name for layer in [*model.layers, *backbone.layers]}
+
+    def trainable(model: keras.Model) -> list[str]:
+        return [weight.path for weight in model.trainable_weights]
+
+    assert set(policies(trained).values()) == {"mixed_bfloat16", "float32"}  # float32 softmax
+    assert set(policies(saved).values()) == {"float32"}
+    assert policies(resumed) == policies(trained)
+    assert trainable(saved) == trainable(resumed) == trainable(trained)
+    assert "backbone/stem/kernel" not in trainable(saved)
+    for copy in (saved, resumed):
+        for original, copied in zip(trained.weights, copy.weights):
+            np.testing.assert_array_equal(np.array(copied), np.array(original))
+    expected = trained.predict(images, verbose=0)
+    np.testing.assert_array_equal(resumed.predict(images, verbose=0), expected)
+    # full precision differs from bfloat16's by bfloat16's rounding, not more
+    np.testing.assert_allclose(saved.predict(images, verbose=0), expected, atol=0.02)
+    assert with_precision(saved, "float32") is saved
+    assert not frozen_copy.get_layer("backbone").trainable
+    assert trainable(frozen_copy) == ["logits/kernel", "logits/bias"]
