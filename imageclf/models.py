@@ -32,7 +32,7 @@ def build_model(
     size = params.input_size or meta["image_size"]
     pretrained = params.weights != "none"
     inputs = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    x = resize_layer(size)(inputs)
+    x = ResizeImages.from_config(resize_layer(size).get_config())(inputs)
     if params.arch in BACKBONES:
         mode = APPLICATIONS[params.arch][1]
         if mode is not None:  # EfficientNet rescales and normalizes inside the backbone
@@ -186,6 +186,19 @@ class ImagenetPreprocess(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="imageclf")
+class ResizeImages(layers.Resizing):
+    """Keras' Resizing, left out of the graph where the images already have its size: the
+    antialiased resize (TensorFlow's ScaleAndTranslate op) has no XLA kernel, and training
+    feeds images of the model's size, so that its step compiles with XLA
+    (`train.jit_compile`, on by default with a GPU). On such images it is the identity anyway."""
+
+    def transform_images(self, images, transformation=None, training=True):
+        if tuple(images.shape[1:3]) == (self.height, self.width):
+            return self.backend.cast(images, self.compute_dtype)
+        return super().transform_images(images, transformation, training)
+
+
+@keras.saving.register_keras_serializable(package="imageclf")
 class NamedSoftmax(layers.Layer):
     """Softmax that carries the class names, so they travel inside the `.keras` file."""
 
@@ -335,4 +348,8 @@ def load_model(path: str | Path) -> keras.Model:
     """Load a `.keras` file written by a train or finetune stage (custom layers registered)."""
     if not Path(path).is_file():
         raise PipelineError(f"{path}: no model file here; run `dvc repro` to train one")
-    return keras.models.load_model(path)
+    model = keras.models.load_model(path)
+    # trained with XLA (on by default with a GPU), its predict would be compiled too, and XLA
+    # lacks the antialiased resize that images of other sizes need
+    model.jit_compile = False
+    return model

@@ -280,3 +280,29 @@ def test_model_trained_in_bfloat16_is_saved_as_float32_and_trains_on_in_bfloat16
     assert with_precision(saved, "float32") is saved
     assert not frozen_copy.get_layer("backbone").trainable
     assert trainable(frozen_copy) == ["logits/kernel", "logits/bias"]
+
+
+def test_training_step_compiles_with_xla_and_the_saved_model_predicts_any_size(
+    tmp_path: Path,
+) -> None:
+    """XLA is on by default with a GPU (`train.jit_compile: auto`); on a CPU the same
+    compilation runs when asked for, so a model op XLA lacks fails here first."""
+    from imageclf.params import load_params
+    from imageclf.training import compile_model
+
+    train = load_params(PROJECT / "params.yaml").train.model_copy(update={"jit_compile": True})
+    model = build_model(model_params(), META)
+    compile_model(model, train, 0.1, total_steps=4, warmup_steps=1)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    labels = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 16)]
+    history = model.fit(images, labels, batch_size=8, epochs=2, verbose=0).history
+    assert model.jit_compile is True
+    assert np.isfinite(history["loss"]).all()
+    # the resize layer, left out of the compiled step, resizes images of other sizes
+    model.save(tmp_path / "model.keras")
+    loaded = load_model(tmp_path / "model.keras")
+    other = rng.integers(0, 256, (2, 24, 20, 3), dtype=np.uint8)
+    np.testing.assert_allclose(loaded.predict_on_batch(other).sum(axis=1), 1, rtol=1e-5)
+    expected = model.predict(images, verbose=0)  # with XLA: the same up to rounding
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, rtol=1e-5)
