@@ -710,7 +710,7 @@ def _model_cores(slots: Path, workers: int) -> list[int]:
     """The cores of a free worker slot: slot i of N has every N-th core from the i-th. A slot
     is claimed by linking a file holding the worker's pid to its name (atomic between
     processes, and never seen empty); a worker that uvicorn restarts takes over the slot of
-    the one that died."""
+    the one that died, and removes that one's live gauges from the metrics."""
     cores = sorted(os.sched_getaffinity(0))
     mine = slots / f"claim-{os.getpid()}"
     mine.write_text(str(os.getpid()))
@@ -720,9 +720,13 @@ def _model_cores(slots: Path, workers: int) -> list[int]:
             try:
                 os.link(mine, path)
             except FileExistsError:
-                if _alive(int(path.read_text())):
+                holder = int(path.read_text())
+                if _alive(holder):
                     continue
                 os.replace(mine, path)  # its worker died
+                # with its live gauges (requests in progress, images queued): summed in
+                # /metrics as long as their files are there
+                multiprocess.mark_process_dead(holder, str(slots))
             return cores[slot::workers] or [cores[slot % len(cores)]]  # more workers than cores
         return cores
     finally:

@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import io
 import json
+import os
 import re
 import signal
 import socket
@@ -649,6 +650,56 @@ def test_two_worker_processes_answer_alike_count_together_and_stop_on_sigterm(
         assert not [pid for pid in children if _running(pid)]
     finally:
         workers.stop()
+
+
+def test_a_worker_restarted_after_a_crash_drops_the_dead_ones_requests_from_the_metrics(
+    tiny_model: Path, red_image: np.ndarray, tmp_path: Path
+) -> None:
+    """`--workers 2`: workers killed while a request is in progress are restarted by uvicorn,
+    and /metrics stops counting that request as in progress (a dead worker's live gauges)."""
+    log = tmp_path / "log"
+    workers = Server(tiny_model, log, "--workers", "2")
+    in_progress = re.compile(r"^imageclf_inference_requests_in_progress (\S+)$", re.M)
+
+    def requests_in_progress() -> float:
+        return float(in_progress.search(workers.metrics()).group(1))
+
+    try:
+        deadline = time.monotonic() + 60
+        while log.read_text().count("Application startup complete") < 2:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", workers.port)) as stalled:
+            # an upload whose body never arrives: in progress until its worker dies
+            stalled.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+            )
+            deadline = time.monotonic() + 30
+            while requests_in_progress() != 1.0:
+                assert time.monotonic() < deadline, workers.metrics()
+                time.sleep(0.1)
+            children = [
+                int(pid)
+                for pid in Path(f"/proc/{workers.process.pid}/task").glob("*/children")
+                for pid in pid.read_text().split()
+                if "multiprocessing.resource_tracker" not in _command_line(int(pid))
+            ]
+            assert len(children) == 2
+            for pid in children:
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 120
+            while log.read_text().count("Application startup complete") < 4:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+        assert requests_in_progress() == 0.0
+        assert workers.upload(("red.png", encoded(red_image)))[0] == 200
+    finally:
+        workers.stop()
+
+
+def _command_line(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
 def _running(pid: int) -> bool:
