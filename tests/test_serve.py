@@ -621,15 +621,9 @@ def test_two_worker_processes_answer_alike_count_together_and_stop_on_sigterm(
     log = tmp_path / "log"
     workers = Server(tiny_model, log, "--workers", "2")
     try:
-        deadline = time.monotonic() + 60  # ready once the first worker is; the second follows
-        while log.read_text().count("Application startup complete") < 2:
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
-        children = [
-            int(pid)
-            for pid in Path(f"/proc/{workers.process.pid}/task").glob("*/children")
-            for pid in pid.read_text().split()
-        ]
+        # ready once the first worker is; the second follows
+        _wait_for_startups(log, 2, seconds=60)
+        children = _children(workers.process.pid)
         png = encoded(red_image)
         expected = server.upload(("red.png", png))[1]["predictions"]
         with ThreadPoolExecutor(6) as pool:
@@ -665,10 +659,7 @@ def test_a_worker_restarted_after_a_crash_drops_the_dead_ones_requests_from_the_
         return float(in_progress.search(workers.metrics()).group(1))
 
     try:
-        deadline = time.monotonic() + 60
-        while log.read_text().count("Application startup complete") < 2:
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+        _wait_for_startups(log, 2, seconds=60)
         with socket.create_connection(("127.0.0.1", workers.port)) as stalled:
             # an upload whose body never arrives: in progress until its worker dies
             stalled.sendall(
@@ -680,22 +671,35 @@ def test_a_worker_restarted_after_a_crash_drops_the_dead_ones_requests_from_the_
                 assert time.monotonic() < deadline, workers.metrics()
                 time.sleep(0.1)
             children = [
-                int(pid)
-                for pid in Path(f"/proc/{workers.process.pid}/task").glob("*/children")
-                for pid in pid.read_text().split()
-                if "multiprocessing.resource_tracker" not in _command_line(int(pid))
+                pid
+                for pid in _children(workers.process.pid)
+                if "multiprocessing.resource_tracker" not in _command_line(pid)
             ]
             assert len(children) == 2
             for pid in children:
                 os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 120
-            while log.read_text().count("Application startup complete") < 4:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.1)
+            _wait_for_startups(log, 4, seconds=120)  # both restarted by uvicorn
         assert requests_in_progress() == 0.0
         assert workers.upload(("red.png", encoded(red_image)))[0] == 200
     finally:
         workers.stop()
+
+
+def _wait_for_startups(log: Path, count: int, seconds: float) -> None:
+    """Until uvicorn's log says `count` worker processes have started (restarts included)."""
+    deadline = time.monotonic() + seconds
+    while log.read_text().count("Application startup complete") < count:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (uvicorn's workers and multiprocessing's helpers)."""
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").glob("*/children")
+        for child in task.read_text().split()
+    ]
 
 
 def _command_line(pid: int) -> str:
