@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 
 from imageclf.errors import PipelineError
 from imageclf.fileio import atomic_path, write_json
-from imageclf.images import BadImage, decode_image, resize_images
+from imageclf.images import IMAGE_SUFFIXES, BadImage, decode_image, resize_images
 
 SPLITS = ("train", "val", "test")
 
@@ -36,9 +36,17 @@ class RawDataset:
     train: Split
     test: Split | None  # None when the dataset ships no test split
     skipped: list[str] = field(default_factory=list)  # files that did not decode
+    val: Split | None = None  # None when the dataset ships no validation split
 
 
 # --- Reading --------------------------------------------------------------------------------
+
+# What operating systems leave among a user's files, never images nor classes: macOS Finder
+# zips carry a __MACOSX/ folder of "._*" AppleDouble files, Windows Explorer writes Thumbs.db
+# and desktop.ini into picture folders. Hidden files (.DS_Store, ._*) are left out as well.
+OS_METADATA = frozenset({"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini"})
+# names of the split folders a dataset may ship, matched in any case (Kaggle's Train/, Test/)
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
 
 def read_dataset(raw_dir: Path, image_size: int, on_bad_image: str = "fail") -> RawDataset:
@@ -46,19 +54,41 @@ def read_dataset(raw_dir: Path, image_size: int, on_bad_image: str = "fail") -> 
     if not raw_dir.is_dir():
         raise PipelineError(f"{raw_dir}: no downloaded dataset here; run `dvc repro download`")
     root = _unwrap(raw_dir)
-    if (root / "batches.meta").is_file() or (root / "meta").is_file():
+    if _is_cifar(root):
         return _read_cifar_batches(root, image_size)
     return _read_image_folders(root, image_size, on_bad_image)
 
 
+def _is_cifar(folder: Path) -> bool:
+    return (folder / "batches.meta").is_file() or (folder / "meta").is_file()
+
+
+def _is_os_metadata(name: str) -> bool:
+    return name.startswith(".") or name.lower() in OS_METADATA
+
+
+def _entries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not _is_os_metadata(p.name))
+
+
+def _split_name(name: str) -> str | None:
+    return next((split for split, names in SPLIT_FOLDERS.items() if name.lower() in names), None)
+
+
 def _unwrap(folder: Path) -> Path:
-    """Descend through wrapper folders that hold nothing but one folder (e.g. `cifar10-jpeg/`)."""
+    """Descend through wrapper folders (e.g. `cifar10-jpeg/`): a lone folder, next to nothing but
+    files that are not images (LICENSE.txt, README.md), that holds folders or CIFAR batches."""
     while True:
-        entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-        if len(entries) == 1 and entries[0].is_dir() and entries[0].name not in ("train", "test"):
-            folder = entries[0]
-        else:
+        entries = _entries(folder)
+        folders = [p for p in entries if p.is_dir()]
+        loose_images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        if len(folders) != 1 or loose_images or _split_name(folders[0].name):
             return folder
+        inner = folders[0]
+        # a lone folder of images is the only class of a one-class dataset, not a wrapper
+        if not _is_cifar(inner) and not any(p.is_dir() for p in _entries(inner)):
+            return folder
+        folder = inner
 
 
 def _read_cifar_batches(root: Path, image_size: int) -> RawDataset:
@@ -98,10 +128,28 @@ def _unpickle(path: Path) -> dict:
 
 
 def _read_image_folders(root: Path, image_size: int, on_bad_image: str) -> RawDataset:
-    """`root/<class>/*` or `root/train/<class>/*` (+ optional `root/test/<class>/*`)."""
-    train_root = root / "train" if (root / "train").is_dir() else root
-    test_root = root / "test" if (root / "test").is_dir() else None
-    class_names = sorted(p.name for p in train_root.iterdir() if p.is_dir() and p.name[0] != ".")
+    """`root/<class>/*` or `root/train/<class>/*` (+ optional `root/test/<class>/*` and
+    `root/val/<class>/*`; split folders named in any case)."""
+    splits: dict[str, list[Path]] = {}
+    for path in _entries(root):
+        if path.is_dir() and (split := _split_name(path.name)):
+            splits.setdefault(split, []).append(path)
+    if "train" not in splits:
+        splits.pop("val", None)  # only next to train/, so that a class may be called "valid"
+    for split, paths in splits.items():
+        if len(paths) > 1:
+            raise PipelineError(
+                f"{root}: {', '.join(p.name for p in paths)} are all the {split} split; "
+                "keep one of them"
+            )
+    train_root = splits["train"][0] if "train" in splits else root
+    test_root = splits["test"][0] if "test" in splits else None
+    # A dataset's own validation split is used as it is, like its test split: its authors may
+    # have kept near-duplicates (frames of one video, one object) on the same side.
+    val_root = splits["val"][0] if "val" in splits else None
+    class_names = sorted(
+        p.name for p in _entries(train_root) if p.is_dir() and p not in (test_root, val_root)
+    )
     if not class_names:
         raise PipelineError(
             f"{train_root}: no class folders found; expected one folder per class "
@@ -111,18 +159,34 @@ def _read_image_folders(root: Path, image_size: int, on_bad_image: str) -> RawDa
         raise PipelineError(f"{train_root}: only one class ({class_names[0]}); need at least two")
     skipped: list[str] = []
     train = _read_split(train_root, class_names, image_size, on_bad_image, skipped)
-    test = None
+    test = val = None
     if test_root is not None:
-        extra = sorted(
-            p.name for p in test_root.iterdir() if p.is_dir() and p.name not in class_names
+        test = _read_other_split(
+            test_root, train_root, class_names, image_size, on_bad_image, skipped
         )
-        if extra:
-            raise PipelineError(
-                f"{test_root}: class folders {extra} are not in {train_root}; "
-                "train and test must have the same classes"
-            )
-        test = _read_split(test_root, class_names, image_size, on_bad_image, skipped)
-    return RawDataset(class_names, train, test, skipped)
+    if val_root is not None:
+        print(f"{val_root}: used as the validation split (preprocess.val_fraction is not used)")
+        val = _read_other_split(
+            val_root, train_root, class_names, image_size, on_bad_image, skipped
+        )
+    return RawDataset(class_names, train, test, skipped, val)
+
+
+def _read_other_split(
+    folder: Path,
+    train_root: Path,
+    class_names: list[str],
+    image_size: int,
+    on_bad_image: str,
+    skipped: list[str],
+) -> Split:
+    extra = sorted(p.name for p in _entries(folder) if p.is_dir() and p.name not in class_names)
+    if extra:
+        raise PipelineError(
+            f"{folder}: class folders {extra} are not in {train_root}; "
+            "every split must have the same classes"
+        )
+    return _read_split(folder, class_names, image_size, on_bad_image, skipped)
 
 
 def _read_split(
@@ -131,16 +195,25 @@ def _read_split(
     images, labels = [], []
     for label, name in enumerate(class_names):
         class_dir = folder / name
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.name[0] != ".")
+        files = sorted(
+            p
+            for p in class_dir.rglob("*")
+            if p.is_file()
+            and not any(_is_os_metadata(part) for part in p.relative_to(class_dir).parts)
+        )
         count = 0
         for path in files:
             try:
                 pixels = decode_image(path, size=image_size)
             except BadImage as exc:
                 if on_bad_image == "fail":
+                    # data/raw is the download stage's output: an edit there is undone, and
+                    # DVC does not notice edits inside the data.source folder or archive
                     raise PipelineError(
-                        f"{exc}; remove it, or set preprocess.on_bad_image: skip to leave such "
-                        "files out"
+                        f"{exc}; set preprocess.on_bad_image: skip to leave such files out, or "
+                        "fix or remove it in your data.source folder or archive, then run "
+                        "`dvc repro -f -s download` and `dvc repro` (DVC does not notice "
+                        "changes inside data.source)"
                     ) from None
                 skipped.append(str(path))
                 continue
@@ -158,19 +231,48 @@ def _read_split(
 def prepare_splits(
     dataset: RawDataset, val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, Split]:
-    """Carve a stratified validation split (and a test split, if the dataset has none)."""
+    """Carve a stratified validation split (and a test split) unless the dataset has its own."""
     train = dataset.train
+    carved = [
+        part for part, own in (("test", dataset.test), ("validation", dataset.val)) if own is None
+    ]
     splits: dict[str, Split] = {}
     if dataset.test is None:
-        train, splits["test"] = _stratified_split(train, test_fraction, seed, "test_fraction")
+        train, splits["test"] = _stratified_split(
+            dataset, train, test_fraction, seed, "test", carved
+        )
     else:
         splits["test"] = dataset.test
-    splits["train"], splits["val"] = _stratified_split(train, val_fraction, seed, "val_fraction")
+    if dataset.val is None:
+        splits["train"], splits["val"] = _stratified_split(
+            dataset, train, val_fraction, seed, "val", carved
+        )
+    else:
+        splits["train"], splits["val"] = train, dataset.val
     return {name: splits[name] for name in SPLITS}
 
 
-def _stratified_split(split: Split, fraction: float, seed: int, key: str) -> tuple[Split, Split]:
-    counts = np.bincount(split.labels)
+def _stratified_split(
+    dataset: RawDataset, split: Split, fraction: float, seed: int, part: str, carved: list[str]
+) -> tuple[Split, Split]:
+    key = f"preprocess.{part}_fraction = {fraction}"
+    name = "validation" if part == "val" else part
+    counts = np.bincount(split.labels, minlength=len(dataset.class_names))
+    # stratified: each class keeps at least one image on either side
+    scarce = np.flatnonzero(counts < 2)
+    if scarce.size:
+        read = np.bincount(dataset.train.labels, minlength=len(counts))
+        described = [
+            f"{dataset.class_names[c]!r} has {read[c]} image(s)"
+            + (f" ({counts[c]} left after carving the test split)" if counts[c] != read[c] else "")
+            for c in scarce
+        ]
+        raise PipelineError(
+            f"{key}: cannot carve a stratified {name} split: class "
+            f"{'; '.join(described)}. Each class needs at least {1 + len(carved)} images (one "
+            f"for training, one for each split carved from it: {', '.join(carved)}); add images "
+            "to its folder."
+        )
     try:
         keep, carve = train_test_split(
             np.arange(len(split.labels)),
@@ -180,9 +282,8 @@ def _stratified_split(split: Split, fraction: float, seed: int, key: str) -> tup
         )
     except ValueError as exc:
         raise PipelineError(
-            f"preprocess.{key} = {fraction}: cannot carve a stratified split from "
-            f"{len(split.labels)} images (smallest class: {counts.min()}): {exc}. "
-            "Add images or change the fraction."
+            f"{key}: cannot carve a stratified {name} split from {len(split.labels)} images "
+            f"(smallest class: {counts.min()}): {exc}. Add images or change the fraction."
         ) from None
     # train_test_split shuffles: stored splits are in a seeded random order, not class by class
     return Split(split.images[keep], split.labels[keep]), Split(

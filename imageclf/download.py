@@ -7,6 +7,7 @@ A failure at any step leaves the previous `data/raw`, if any, exactly as it was.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tarfile
 import tempfile
@@ -60,7 +61,7 @@ def fetch_dataset(
                         f"data.checksum: {local} is a folder; checksums apply to archives. "
                         "Set data.checksum to null."
                     )
-                shutil.copytree(local, staging, symlinks=False)
+                _copy_folder(local, staging)
                 _swap_in(staging, out_dir)
                 return
             archive = local
@@ -154,17 +155,41 @@ def _download_once(url: str, target: Path) -> None:
             raise _Truncated(f"connection closed after {received} of {total} bytes")
 
 
+def _copy_folder(local: Path, staging: Path) -> None:
+    """Copy the folder `local` (links followed) to `staging`, or fail naming the first file
+    that could not be copied."""
+    try:
+        shutil.copytree(local, staging, symlinks=False)
+    except shutil.Error as exc:  # copytree copies what it can, then lists what it could not
+        source, _, reason = exc.args[0][0]
+        if Path(source).is_symlink() and not Path(source).exists():
+            # Failing is safer than skipping it: the link stands for an image the user
+            # meant to train on, and a dataset quietly smaller than the folder looks is
+            # worse than an error at the first step.
+            raise PipelineError(
+                f"data.source: {source} is a broken link (to {os.readlink(source)}, which "
+                "does not exist); point it at the file, or delete it, and run again"
+            ) from None
+        raise PipelineError(
+            f"data.source: cannot copy {source} ({reason}); fix or remove it, and run again"
+        ) from None
+    except OSError as exc:
+        raise PipelineError(f"data.source: cannot copy {local} ({exc})") from None
+
+
 def _extract(archive: Path, target: Path, source: str) -> None:
     """Extract `archive` into `target`, refusing members that would land outside it."""
     target.mkdir()
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as zipped:
-                for member in zipped.infolist():
+                members = zipped.infolist()
+                for member in members:
+                    member.filename = _zip_member_name(member)  # extracted under this name
                     # a symlink entry keeps its mode in the high bits of external_attr
                     is_link = (member.external_attr >> 16) & 0o170000 == 0o120000
                     _check_member(member.filename, target, archive, is_link)
-                zipped.extractall(target)
+                zipped.extractall(target, members)
         else:
             with tarfile.open(archive) as tar:
                 for member in tar.getmembers():
@@ -177,6 +202,20 @@ def _extract(archive: Path, target: Path, source: str) -> None:
             f"{source}: the archive is corrupt or truncated ({exc.__class__.__name__}: {exc}). "
             "Download it again."
         ) from None
+
+
+def _zip_member_name(member: zipfile.ZipInfo) -> str:
+    """The member's name as the archive's maker meant it. Without the UTF-8 flag (bit 11)
+    zipfile decodes names as cp437, the format's old default; but the ordinary `zip` command
+    (Info-ZIP) stores UTF-8 names without setting it, and "café" would come out as "caf├⌐".
+    The common remedy: a name whose bytes are valid UTF-8 is taken as UTF-8 (cp437 text with
+    accents almost never is), any other stays cp437."""
+    if member.flag_bits & 0x800:
+        return member.filename
+    try:
+        return member.filename.encode("cp437").decode("utf-8")
+    except UnicodeError:
+        return member.filename
 
 
 def _check_member(name: str, target: Path, archive: Path, is_link: bool) -> None:

@@ -28,6 +28,10 @@ ARCHITECTURES = OWN_ARCHITECTURES + BACKBONES
 # Weights files named in model.weights live here: the train stage depends on this folder in
 # dvc.yaml, so DVC reruns training when a weights file in it changes.
 PRETRAINED_DIR = "pretrained"
+# fastnet's smallest input side: its 2x2 stem (unpadded) and three 2x2 max-pools leave
+# (side - 1) // 8 pixels, and Keras refuses a pool whose output would be empty. baseline
+# resizes to 32 inside; the Keras backbones check their own minimum when they are built.
+FASTNET_MIN_INPUT = 9
 CHECKSUM_LENGTHS = {"md5": 32, "sha256": 64}  # hex digits of each supported digest
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -191,12 +195,25 @@ class Params(Section):
     evaluate: EvaluateParams
 
     @model_validator(mode="after")
-    def cutout_fits_the_image(self) -> Params:
+    def rules_across_sections(self) -> Params:
+        problems = []  # all of them in one error, so that every one is reported at once
         if self.augment.cutout > self.data.image_size:
-            raise ValueError(
+            problems.append(
                 f"augment.cutout = {self.augment.cutout}: must be at most data.image_size "
                 f"({self.data.image_size}); a larger square blanks the whole image"
             )
+        if self.model.arch == "fastnet":
+            key, side = "model.input_size", self.model.input_size
+            if side is None:
+                key, side = "data.image_size", self.data.image_size
+            if side < FASTNET_MIN_INPUT:
+                problems.append(
+                    f"{key} = {side}: model.arch fastnet needs an input side of at least "
+                    f"{FASTNET_MIN_INPUT} (its three max-pools leave nothing of smaller "
+                    f"images); set {key} to {FASTNET_MIN_INPUT} or more"
+                )
+        if problems:
+            raise ValueError("\n  ".join(problems))
         return self
 
 
@@ -233,7 +250,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         return Params.model_validate(_parse_floats(raw))
     except ValidationError as exc:
-        problems = [_describe(error) for error in exc.errors()]
+        # one problem a line: the rules across sections report theirs in a single error
+        problems = "\n".join(_describe(error) for error in exc.errors()).splitlines()
         raise PipelineError(
             f"{path}: {len(problems)} invalid value(s):\n" + "\n".join(problems)
         ) from None

@@ -103,3 +103,94 @@ def test_prepared_data_round_trips_with_train_statistics(tmp_path: Path) -> None
     assert meta["mean"] == pytest.approx(train.images.mean(axis=(0, 1, 2)).tolist())
     assert meta["std"] == pytest.approx(train.images.std(axis=(0, 1, 2)).tolist())
     assert meta["counts"]["val"] == {"blue": 3, "green": 3, "red": 3}
+
+
+def test_os_leftovers_and_loose_files_next_to_the_wrapper_are_ignored(tmp_path: Path) -> None:
+    # as unpacked from a macOS Finder zip of a folder with its licence beside it, after a
+    # Windows user browsed the pictures
+    raw = tmp_path / "raw"
+    synthetic.image_folders(raw / "myset", per_class=6, test_per_class=0)
+    (raw / "LICENSE.txt").write_text("CC-BY 4.0")
+    (raw / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    for leftover in ("__MACOSX/myset/train/red/._0000.png", "__MACOSX/._myset"):
+        (raw / leftover).parent.mkdir(parents=True, exist_ok=True)
+        (raw / leftover).write_bytes(b"\0\5\26\7 AppleDouble")
+    red = raw / "myset" / "train" / "red"
+    (red / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0 thumbnails")
+    (red / "desktop.ini").write_text("[.ShellClassInfo]\n")
+    (red / "._0001.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    dataset = read_dataset(raw, 16)  # on_bad_image: fail
+    assert dataset.class_names == ["blue", "green", "red"]
+    assert np.bincount(dataset.train.labels).tolist() == [6, 6, 6]
+    assert dataset.skipped == []
+
+
+def test_a_lone_class_folder_is_one_class_not_a_wrapper(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    (raw / "chat noir").mkdir(parents=True)
+    for i, image in enumerate(synthetic.class_images(0, 4, 16, seed=0)):
+        Image.fromarray(image).save(raw / "chat noir" / f"{i}.png")
+    with pytest.raises(PipelineError) as error:
+        read_dataset(raw, 16)
+    assert str(error.value) == f"{raw}: only one class (chat noir); need at least two"
+
+
+def test_split_folders_in_any_case_and_a_shipped_validation_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = synthetic.image_folders(tmp_path / "kaggle", per_class=10, test_per_class=4)
+    (root / "train").rename(root / "Train")
+    (root / "test").rename(root / "Test")
+    synthetic.image_folders(tmp_path / "valid", per_class=3, test_per_class=0, seed=7)
+    (tmp_path / "valid" / "train").rename(root / "Valid")
+    dataset = read_dataset(root, 16)
+    assert dataset.class_names == ["blue", "green", "red"]
+    assert dataset.test is not None and len(dataset.test.labels) == 12
+    splits = prepare_splits(dataset, val_fraction=0.5, test_fraction=0.5, seed=0)
+    # the dataset's own splits, whole; nothing carved from training
+    assert {name: np.bincount(s.labels).tolist() for name, s in splits.items()} == {
+        "train": [10, 10, 10],
+        "val": [3, 3, 3],
+        "test": [4, 4, 4],
+    }
+    assert np.array_equal(splits["val"].images, dataset.val.images)
+    assert f"{root / 'Valid'}: used as the validation split" in capsys.readouterr().out
+    # without train/, a folder called "valid" is a class like any other
+    classes = synthetic.image_folders(
+        tmp_path / "parts", per_class=4, test_per_class=0, classes=("valid", "invalid")
+    )
+    assert read_dataset(classes / "train", 16).class_names == ["invalid", "valid"]
+
+
+def test_too_few_images_name_the_class_and_what_it_needs(tmp_path: Path) -> None:
+    root = synthetic.image_folders(tmp_path / "ds", per_class=6, test_per_class=2)
+    for path in sorted((root / "train" / "green").iterdir())[1:]:
+        path.unlink()
+    with pytest.raises(PipelineError) as error:
+        prepare_splits(read_dataset(root, 16), val_fraction=0.2, test_fraction=0.2, seed=0)
+    assert str(error.value).startswith(
+        "preprocess.val_fraction = 0.2: cannot carve a stratified validation split: class "
+        "'green' has 1 image(s). Each class needs at least 2 images"
+    )
+    # without a test split of its own, one more image per class is needed
+    (root / "test").rename(tmp_path / "test")
+    (root / "train" / "green" / "copy.png").write_bytes((root / "train/red/0000.png").read_bytes())
+    with pytest.raises(PipelineError) as error:
+        prepare_splits(read_dataset(root, 16), val_fraction=0.2, test_fraction=0.2, seed=0)
+    assert (
+        "class 'green' has 2 image(s) (1 left after carving the test split). "
+        "Each class needs at least 3 images"
+    ) in str(error.value)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tiff"])
+def test_16_bit_grayscale_gives_the_pixels_of_its_8_bit_copy(tmp_path: Path, suffix: str) -> None:
+    gray = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(gray).save(tmp_path / f"8-bit{suffix}")
+    # 16-bit PNG (Pillow mode "I;16") and a 32-bit integer TIFF holding 16-bit levels ("I")
+    wide = gray.astype(np.uint16) * 257 if suffix == ".png" else gray.astype(np.int32) * 257
+    Image.fromarray(wide).save(tmp_path / f"16-bit{suffix}")
+    eight = decode_image(tmp_path / f"8-bit{suffix}")
+    sixteen = decode_image(tmp_path / f"16-bit{suffix}")
+    assert sixteen.dtype == np.uint8 and sixteen.shape == (16, 16, 3)
+    assert np.array_equal(sixteen, eight)

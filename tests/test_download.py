@@ -209,3 +209,64 @@ def test_zip_member_outside_the_target_is_refused(tmp_path: Path) -> None:
 def test_malformed_checksum_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="data.checksum = 'sha1:abc'"):
         fetch_dataset(str(dataset_folder(tmp_path / "x")), tmp_path / "raw", "sha1:abc")
+
+
+def zip_without_utf8_flag(path: Path, members: dict[bytes, bytes]) -> Path:
+    """A zip whose member names are raw bytes without the UTF-8 flag, as Info-ZIP's `zip` and
+    macOS write them: zipfile sets the flag for any non-ASCII name, so each member is written
+    under an ASCII stand-in of the same length whose bytes are then swapped for the name's."""
+    stand_ins = {}
+    with zipfile.ZipFile(path, "w") as zipped:
+        for number, (name, content) in enumerate(members.items()):
+            stand_in = f"{number:0{len(name)}d}".encode()
+            zipped.writestr(stand_in.decode(), content)
+            stand_ins[stand_in] = name
+    data = path.read_bytes()
+    for stand_in, name in stand_ins.items():
+        assert data.count(stand_in) == 2  # the local header and the central directory
+        data = data.replace(stand_in, name)
+    path.write_bytes(data)
+    return path
+
+
+def test_zip_names_without_the_utf8_flag_keep_their_accents(tmp_path: Path) -> None:
+    archive = zip_without_utf8_flag(
+        tmp_path / "ds.zip",
+        {
+            "ds/café crème/1.txt".encode(): b"coffee",
+            "ds/thé/1.txt".encode(): b"tea",
+            # an old DOS archive: cp437 bytes, not valid UTF-8, read as cp437 still
+            "ds/été/1.txt".encode("cp437"): b"summer",
+        },
+    )
+    with zipfile.ZipFile(archive) as zipped:
+        assert not any(member.flag_bits & 0x800 for member in zipped.infolist())
+    fetch_dataset(str(archive), tmp_path / "raw")
+    assert tree(tmp_path / "raw") == {
+        "ds/café crème/1.txt": "coffee",
+        "ds/thé/1.txt": "tea",
+        "ds/été/1.txt": "summer",
+    }
+
+
+def test_zip_name_outside_the_target_is_refused_by_its_utf8_name(tmp_path: Path) -> None:
+    archive = zip_without_utf8_flag(tmp_path / "evil.zip", {"../café.txt".encode(): b"x"})
+    with pytest.raises(PipelineError, match="refusing member '../café.txt'"):
+        fetch_dataset(str(archive), tmp_path / "work" / "raw")
+    assert not (tmp_path / "café.txt").exists() and not (tmp_path / "work" / "raw").exists()
+
+
+def test_broken_link_in_a_source_folder_is_named_and_nothing_is_replaced(tmp_path: Path) -> None:
+    source = dataset_folder(tmp_path / "mine")
+    link = source / "train" / "cats" / "2.jpg"
+    link.symlink_to(tmp_path / "photos" / "gone.jpg")
+    raw = dataset_folder(tmp_path / "data" / "raw")
+    before = tree(raw)
+    with pytest.raises(PipelineError) as error:
+        fetch_dataset(str(source), raw)
+    assert str(error.value) == (
+        f"data.source: {link} is a broken link (to {tmp_path / 'photos' / 'gone.jpg'}, which "
+        "does not exist); point it at the file, or delete it, and run again"
+    )
+    assert tree(raw) == before
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["raw"]

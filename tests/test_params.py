@@ -125,3 +125,30 @@ def test_rules_across_keys_are_reported_with_the_rest(tmp_path: Path) -> None:
     params["data"]["checksum"] = None
     with pytest.raises(PipelineError, match=r"augment.cutout = 40: must be at most data.image_"):
         load_params(write(tmp_path, params))
+
+
+def test_fastnet_input_side_has_a_minimum(tmp_path: Path) -> None:
+    params = committed()
+    params["data"]["image_size"] = 8  # in range alone; fastnet's pools leave nothing of it
+    params["augment"]["cutout"] = 12
+    with pytest.raises(PipelineError) as error:
+        load_params(write(tmp_path, params))
+    message = str(error.value)
+    assert "params.yaml: 2 invalid value(s)" in message
+    assert "data.image_size = 8: model.arch fastnet needs an input side of at least 9" in message
+    assert "augment.cutout = 12: must be at most data.image_size (8)" in message  # both at once
+    params["augment"]["cutout"] = 0
+    params["model"]["input_size"] = 8
+    params["data"]["image_size"] = 32
+    with pytest.raises(PipelineError, match="model.input_size = 8: model.arch fastnet needs"):
+        load_params(write(tmp_path, params))
+    # the smallest size that works; an input side of the model's own that resizes up; baseline,
+    # which resizes to 32 inside
+    for changes in (
+        {"input_size": 9},
+        {"input_size": 16, "image_size": 8},
+        {"input_size": None, "image_size": 8, "arch": "baseline"},
+    ):
+        params["data"]["image_size"] = changes.pop("image_size", 32)
+        params["model"].update(changes)
+        load_params(write(tmp_path, params))
