@@ -14,6 +14,7 @@ import io
 import json
 import os
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -104,7 +105,8 @@ def run_predict(args: argparse.Namespace) -> int:
     with native_stderr_muted():
         classifier = load_classifier(args.model)
     style = "json" if args.json else "csv" if args.csv else "table"
-    output = _Output(style, classifier.class_names, args.top_k, max(len(str(f)) for f in files))
+    width = max(_display_width(str(f)) for f in files)
+    output = _Output(style, classifier.class_names, args.top_k, width)
     failed = 0
     # the bar goes to stderr, and only on a terminal (disable=None); bar.write keeps the
     # printed lines clear of it
@@ -133,7 +135,7 @@ class _Output:
         self.class_names = class_names
         self.top_k = min(top_k, len(class_names))
         self.file_width = max(file_width, len("file"))
-        self.class_width = max(map(len, class_names))
+        self.class_width = max(map(_display_width, class_names))
         ranks = range(1, self.top_k + 1)
         if style == "csv":
             self.header = _csv(["file", *(f"{k}_{i}" for i in ranks for k in ("class", "p"))])
@@ -151,8 +153,17 @@ class _Output:
             return json.dumps({"file": str(path), "top": classes})
         if self.style == "csv":
             return _csv([str(path), *(v for name, p in top for v in (name, f"{p:.6f}"))])
-        columns = "  ".join(f"{name:{self.class_width}} {p:7.2%}" for name, p in top)
-        return f"{str(path):{self.file_width}}  {columns}"
+        columns = "  ".join(f"{_pad(name, self.class_width)} {p:7.2%}" for name, p in top)
+        return f"{_pad(str(path), self.file_width)}  {columns}"
+
+
+def _display_width(text: str) -> int:
+    """Columns `text` takes in a terminal: CJK and other wide characters take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _display_width(text))
 
 
 def _csv(values: list[str]) -> str:

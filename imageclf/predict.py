@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from imageclf.errors import PipelineError
-from imageclf.images import DEFAULT_MAX_PIXELS, BadImage, decode_image
+from imageclf.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, BadImage, decode_image
 
 # Names inside the exported formats (see imageclf/export.py): the serving signature maps
 # "image" (uint8, N x H x W x 3) to "probabilities" (float32, N x C). The class names travel
@@ -184,10 +183,6 @@ def _load_tflite(path: Path) -> Classifier:
 
 # --- Many files -----------------------------------------------------------------------------
 
-# files a folder walk picks up: every extension of a format Pillow can open
-IMAGE_SUFFIXES = frozenset(
-    suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN
-)
 # pixels held in one batch: photos of many megapixels run a few at a time, not 64
 BATCH_PIXELS = 1 << 25
 # Decoding threads. Small files cost Pillow mostly Python (header parsing): with a fast model

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +186,23 @@ def test_table_and_a_configurable_pixel_limit(photos: Path, tiny_model: Path) ->
     assert status == 1
 
 
+def test_the_table_stays_aligned_with_wide_characters_in_names(
+    photos: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    # CJK characters take two columns of a terminal each
+    for name in ("赤い画像.png", "red.png"):
+        (tmp_path / name).write_bytes((photos / "red.png").read_bytes())
+    status, out, _ = predict(tmp_path, "赤い画像.png", "red.png", "--model", str(tiny_model))
+    header, *rows = out.splitlines()
+
+    def columns(text: str) -> int:
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+    # the first class column starts at the same terminal column in the header and every row
+    starts = {columns(line[: re.search(r"\s{2,}\S", line).end() - 1]) for line in [header, *rows]}
+    assert status == 0 and len(rows) == 2 and len(starts) == 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -208,3 +227,10 @@ def test_bad_paths_and_models_one_clear_error(
     assert message in err
     assert out == ""
     assert status == 1
+
+
+def test_python_dash_m_imageclf_is_the_same_command(tmp_path: Path) -> None:
+    # for where the console script is not on PATH
+    result = run(tmp_path, "python", "-m", "imageclf", "predict", "missing.jpg", check=False)
+    assert result.stderr == "error: missing.jpg: no such file or folder\n"
+    assert result.returncode == 1
