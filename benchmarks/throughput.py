@@ -64,13 +64,10 @@ def training_flops_per_image(model) -> float:
     (the backward pass costs about twice the forward: gradients for inputs and for weights)."""
     import keras
 
-    def leaves(layer):  # the backbone is a nested model: count the layers inside it
-        for inner in getattr(layer, "layers", []):
-            yield inner
-            yield from leaves(inner)
+    from imageclf.models import all_layers
 
     macs = 0
-    for layer in leaves(model):
+    for layer in all_layers(model):  # the backbone's too: a nested model
         if isinstance(layer, keras.layers.Conv2D):
             _, height, width, channels_out = layer.output.shape
             kh, kw = layer.kernel_size

@@ -310,7 +310,7 @@ def with_precision(model: keras.Model, policy: str) -> keras.Model:
     machine; finetune converts the model back to the policy it trains in."""
     if all(
         layer.dtype_policy.name == policy
-        for layer in _all_layers(model)
+        for layer in all_layers(model)
         if not isinstance(layer, (keras.Model, keras.layers.InputLayer, NamedSoftmax))
     ):
         return model
@@ -329,19 +329,19 @@ def with_precision(model: keras.Model, policy: str) -> keras.Model:
         keras.config.set_dtype_policy(outer_policy)
     # the clone leaves a nested model trainable; a pretrained backbone's own flag says that it
     # is frozen, and unfreeze_top reads it
-    for original, copied in zip(_all_layers(model), _all_layers(copy)):
+    for original, copied in zip(all_layers(model), all_layers(copy)):
         if isinstance(original, keras.Model):
             copied.trainable = original.trainable
     copy.set_weights(model.get_weights())
     return copy
 
 
-def _all_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
+def all_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
     """The layers of `model` and of the models nested in it, depth first."""
     for layer in model.layers:
         yield layer
         if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
+            yield from all_layers(layer)
 
 
 def load_model(path: str | Path) -> keras.Model:
