@@ -157,19 +157,38 @@ def _read_image_folders(root: Path, image_size: int, on_bad_image: str) -> RawDa
         )
     if len(class_names) < 2:
         raise PipelineError(f"{train_root}: only one class ({class_names[0]}); need at least two")
-    skipped: list[str] = []
-    train = _read_split(train_root, class_names, image_size, on_bad_image, skipped)
+    unreadable: list[tuple[str, str]] = []  # (path, what is wrong), from every split
+    train = _read_split(train_root, class_names, image_size, on_bad_image, unreadable)
     test = val = None
     if test_root is not None:
         test = _read_other_split(
-            test_root, train_root, class_names, image_size, on_bad_image, skipped
+            test_root, train_root, class_names, image_size, on_bad_image, unreadable
         )
     if val_root is not None:
         print(f"{val_root}: used as the validation split (preprocess.val_fraction is not used)")
         val = _read_other_split(
-            val_root, train_root, class_names, image_size, on_bad_image, skipped
+            val_root, train_root, class_names, image_size, on_bad_image, unreadable
         )
-    return RawDataset(class_names, train, test, skipped, val)
+    if unreadable and on_bad_image == "fail":
+        raise PipelineError(_unreadable_files(unreadable))
+    return RawDataset(class_names, train, test, [path for path, _ in unreadable], val)
+
+
+def _unreadable_files(unreadable: list[tuple[str, str]], shown: int = 20) -> str:
+    """One error for every file that did not decode: a dataset with several bad files is
+    fixed in one go, not one run per file."""
+    lines = [problem for _, problem in unreadable[:shown]]
+    if len(unreadable) > shown:
+        lines.append(f"... and {len(unreadable) - shown} more")
+    # data/raw is the download stage's output: an edit there is undone, and DVC does not
+    # notice edits inside the data.source folder or archive
+    return (
+        f"{len(unreadable)} file(s) are not readable images:\n  "
+        + "\n  ".join(lines)
+        + "\nSet preprocess.on_bad_image: skip to leave such files out, or fix or remove them "
+        "in your data.source folder or archive, then run `dvc repro -f -s download` and "
+        "`dvc repro` (DVC does not notice changes inside data.source)"
+    )
 
 
 def _read_other_split(
@@ -178,7 +197,7 @@ def _read_other_split(
     class_names: list[str],
     image_size: int,
     on_bad_image: str,
-    skipped: list[str],
+    unreadable: list[tuple[str, str]],
 ) -> Split:
     extra = sorted(p.name for p in _entries(folder) if p.is_dir() and p.name not in class_names)
     if extra:
@@ -186,12 +205,17 @@ def _read_other_split(
             f"{folder}: class folders {extra} are not in {train_root}; "
             "every split must have the same classes"
         )
-    return _read_split(folder, class_names, image_size, on_bad_image, skipped)
+    return _read_split(folder, class_names, image_size, on_bad_image, unreadable)
 
 
 def _read_split(
-    folder: Path, class_names: list[str], image_size: int, on_bad_image: str, skipped: list[str]
+    folder: Path,
+    class_names: list[str],
+    image_size: int,
+    on_bad_image: str,
+    unreadable: list[tuple[str, str]],
 ) -> Split:
+    """The images of `folder/<class>/**`; files that do not decode are added to `unreadable`."""
     images, labels = [], []
     for label, name in enumerate(class_names):
         class_dir = folder / name
@@ -201,27 +225,22 @@ def _read_split(
             if p.is_file()
             and not any(_is_os_metadata(part) for part in p.relative_to(class_dir).parts)
         )
-        count = 0
+        count = bad = 0
         for path in files:
             try:
                 pixels = decode_image(path, size=image_size)
             except BadImage as exc:
-                if on_bad_image == "fail":
-                    # data/raw is the download stage's output: an edit there is undone, and
-                    # DVC does not notice edits inside the data.source folder or archive
-                    raise PipelineError(
-                        f"{exc}; set preprocess.on_bad_image: skip to leave such files out, or "
-                        "fix or remove it in your data.source folder or archive, then run "
-                        "`dvc repro -f -s download` and `dvc repro` (DVC does not notice "
-                        "changes inside data.source)"
-                    ) from None
-                skipped.append(str(path))
+                unreadable.append((str(path), str(exc)))
+                bad += 1
                 continue
             images.append(resize_images(pixels[None], image_size)[0])
             labels.append(label)
             count += 1
-        if count == 0:
+        # with on_bad_image: fail, a class of unreadable files is reported with the others
+        if count == 0 and (on_bad_image == "skip" or not bad):
             raise PipelineError(f"{class_dir}: class folder has no readable images")
+    if not images:  # every file unreadable: the caller reports them
+        return Split(np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros(0, np.int64))
     return Split(np.stack(images), np.asarray(labels, dtype=np.int64))
 
 

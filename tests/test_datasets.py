@@ -44,13 +44,33 @@ def test_corrupt_files_are_reported_by_path(tmp_path: Path, policy: str) -> None
     bad = root / "train" / "green" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
     (root / "train" / "red" / "notes.txt").write_text("hello")
+    (root / "test" / "blue" / "cut.png").write_bytes(
+        (root / "test/blue/0000.png").read_bytes()[:60]
+    )
     if policy == "fail":
-        with pytest.raises(PipelineError, match="broken.jpg: not a readable image"):
+        # every bad file of every split in one error, so that one run shows them all
+        with pytest.raises(PipelineError) as error:
             read_dataset(root, 16, on_bad_image=policy)
+        message = str(error.value)
+        assert message.startswith("3 file(s) are not readable images:")
+        for name in ("broken.jpg", "notes.txt", "cut.png"):
+            assert f"{name}: not a readable image" in message
+        assert "preprocess.on_bad_image: skip" in message
     else:
         dataset = read_dataset(root, 16, on_bad_image=policy)
-        assert sorted(Path(p).name for p in dataset.skipped) == ["broken.jpg", "notes.txt"]
-        assert len(dataset.train.labels) == 18
+        names = sorted(Path(p).name for p in dataset.skipped)
+        assert names == ["broken.jpg", "cut.png", "notes.txt"]
+        assert len(dataset.train.labels) == 18 and len(dataset.test.labels) == 6
+
+
+def test_a_class_of_unreadable_files_is_listed_with_the_other_bad_files(tmp_path: Path) -> None:
+    root = synthetic.image_folders(tmp_path / "ds", per_class=4, test_per_class=0)
+    for path in (root / "train" / "green").iterdir():
+        path.write_bytes(b"not an image")
+    with pytest.raises(PipelineError, match="4 file\\(s\\) are not readable images"):
+        read_dataset(root, 16, on_bad_image="fail")
+    with pytest.raises(PipelineError, match="green: class folder has no readable images"):
+        read_dataset(root, 16, on_bad_image="skip")
 
 
 def test_an_upload_that_is_no_image_is_named_as_such() -> None:
