@@ -605,22 +605,33 @@ class RequestMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        status = 500
+        status, counted = 500, False
 
-        async def send_status(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
+        def count() -> None:
+            nonlocal counted
+            if counted:
+                return
+            counted = True
             # a route's template; a mount (static files) sets root_path instead
             route = getattr(scope.get("route"), "path", None) or scope.get("root_path")
             route = route or "unmatched"
             self.service.requests.labels(route, scope["method"], str(status)).inc()
             self.service.latency.labels(route).observe(time.perf_counter() - start)
+
+        async def send_counted(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # before the last byte goes out: a client that has its answer then finds it
+                # counted in /metrics
+                count()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            count()  # an app that failed without answering
 
 
 # --- The command ----------------------------------------------------------------------------
