@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import tritonclient.http as httpclient
 from PIL import Image
@@ -635,6 +636,20 @@ def test_two_worker_processes_answer_alike_count_together_and_stop_on_sigterm(
                 assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)
         ok = 'imageclf_requests_total{method="POST",route="/predict",status="200"} 12.0'
         assert ok in workers.metrics()  # both workers' requests, from either
+        # 16 clients that connect at once are spread over both workers (a listening socket
+        # each), not all accepted by the first to wake; 2 of 16 or fewer on one worker by
+        # chance: p = 0.0005
+        clients = [socket.create_connection(("127.0.0.1", workers.port)) for _ in range(16)]
+        try:
+            deadline = time.monotonic() + 30
+            servers = [pid for pid in children if "resource_tracker" not in _command_line(pid)]
+            while sum(held := [_connections(pid, workers.port) for pid in servers]) < 16:
+                assert time.monotonic() < deadline, held
+                time.sleep(0.1)
+            assert min(held) >= 2, held
+        finally:
+            for client in clients:
+                client.close()
         workers.process.send_signal(signal.SIGTERM)
         assert workers.process.wait(timeout=60) in (0, -signal.SIGTERM)
         assert log.read_text().count("Finished server process") == 2
@@ -644,6 +659,24 @@ def test_two_worker_processes_answer_alike_count_together_and_stop_on_sigterm(
         assert not [pid for pid in children if _running(pid)]
     finally:
         workers.stop()
+
+
+def test_workers_on_a_port_in_use_end_in_one_clear_error(tiny_model: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = ["imageclf", "serve", "--model", str(tiny_model), "--workers", "2"]
+        result = subprocess.run(
+            [*command, "--port", str(port)],
+            env=venv_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode != 0
+    assert f"127.0.0.1:{port}: cannot listen there" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_worker_restarted_after_a_crash_drops_the_dead_ones_requests_from_the_metrics(
@@ -691,6 +724,14 @@ def _wait_for_startups(log: Path, count: int, seconds: float) -> None:
     while log.read_text().count("Application startup complete") < count:
         assert time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.1)
+
+
+def _connections(pid: int, port: int) -> int:
+    """Connections that process `pid` has accepted on `port`."""
+    return sum(
+        connection.laddr.port == port and connection.status == psutil.CONN_ESTABLISHED
+        for connection in psutil.Process(pid).net_connections(kind="tcp")
+    )
 
 
 def _children(pid: int) -> list[int]:
