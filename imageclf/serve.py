@@ -101,6 +101,7 @@ log = logging.getLogger("imageclf.serve")
 STATIC = Path(__file__).parent / "static"
 PLATFORMS = {"keras": "tensorflow_keras", "saved_model": "tensorflow_savedmodel"}
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+PR_SET_PDEATHSIG = 1  # Linux prctl option: the signal a process gets when its parent dies
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's: metrics of all workers
 WORKER_CONFIG = "IMAGECLF_SERVE_WORKER"  # what a worker process serves (JSON), for `worker_app`
 # a request's images decode in the event loop up to this many pixels together (~0.2 ms of
@@ -750,6 +751,9 @@ def _serve_workers(server: dict[str, Any], workers: int) -> None:
 
 def _worker_process(server: dict[str, Any]) -> None:
     """One server process of `_serve_workers`: uvicorn on a listening socket of its own."""
+    # a supervisor killed outright (SIGKILL, or SIGHUP with its terminal) takes its workers
+    # along, each answering its requests in flight, instead of leaving them on the port
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     listener = _reuse_port_socket(server["host"], server["port"])
     listener.listen(2048)  # uvicorn's default backlog
     uvicorn.Server(uvicorn.Config(WORKER_APP, factory=True, **server)).run(sockets=[listener])

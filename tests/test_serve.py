@@ -682,7 +682,7 @@ def test_workers_on_a_port_in_use_end_in_one_clear_error(tiny_model: Path) -> No
 def test_a_worker_restarted_after_a_crash_drops_the_dead_ones_requests_from_the_metrics(
     tiny_model: Path, red_image: np.ndarray, tmp_path: Path
 ) -> None:
-    """`--workers 2`: workers killed while a request is in progress are restarted by uvicorn,
+    """`--workers 2`: workers killed while a request is in progress are restarted,
     and /metrics stops counting that request as in progress (a dead worker's live gauges)."""
     log = tmp_path / "log"
     workers = Server(tiny_model, log, "--workers", "2")
@@ -711,9 +711,20 @@ def test_a_worker_restarted_after_a_crash_drops_the_dead_ones_requests_from_the_
             assert len(children) == 2
             for pid in children:
                 os.kill(pid, signal.SIGKILL)
-            _wait_for_startups(log, 4, seconds=120)  # both restarted by uvicorn
+            _wait_for_startups(log, 4, seconds=120)  # both restarted
         assert requests_in_progress() == 0.0
         assert workers.upload(("red.png", encoded(red_image)))[0] == 200
+        # the supervisor killed outright: its workers end too, and leave the port free
+        restarted = _children(workers.process.pid)
+        workers.process.kill()
+        workers.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while [pid for pid in restarted if _running(pid)]:
+            assert time.monotonic() < deadline, [_command_line(pid) for pid in restarted]
+            time.sleep(0.1)
+        with socket.socket() as again:  # as a server binds: not held back by TIME_WAIT
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(("127.0.0.1", workers.port))
     finally:
         workers.stop()
 
@@ -735,7 +746,7 @@ def _connections(pid: int, port: int) -> int:
 
 
 def _children(pid: int) -> list[int]:
-    """The child processes of `pid` (uvicorn's workers and multiprocessing's helpers)."""
+    """The child processes of `pid` (the server's workers and multiprocessing's helpers)."""
     return [
         int(child)
         for task in Path(f"/proc/{pid}/task").glob("*/children")
