@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import signal
 import sys
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from imageclf import paths
 from imageclf.errors import PipelineError
 from imageclf.images import DEFAULT_MAX_PIXELS
 from imageclf.serve_options import add_arguments as add_serve_arguments
+from imageclf.serve_options import positive_number
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader of the output went away (`imageclf predict ... | head`): as for any
+        # command in a pipe, no error of ours. Python's flush at exit would raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 # --- imageclf predict -----------------------------------------------------------------------
@@ -71,17 +78,23 @@ def add_predict(subcommands: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )
     parser.add_argument(
-        "--top-k", type=_positive, default=3, help="classes shown per image (default: %(default)s)"
+        "--top-k",
+        type=positive_number(int),
+        default=3,
+        help="classes shown per image (default: %(default)s)",
     )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON object per line per image")
     output.add_argument("--csv", action="store_true", help="CSV with a header row")
     parser.add_argument(
-        "--batch-size", type=_positive, default=64, help="images per model call (default: 64)"
+        "--batch-size",
+        type=positive_number(int),
+        default=64,
+        help="images per model call (default: 64)",
     )
     parser.add_argument(
         "--max-pixels",
-        type=_positive,
+        type=positive_number(int),
         default=DEFAULT_MAX_PIXELS,
         help="refuse images with more pixels than this, a guard against decompression bombs "
         "(default: %(default)s)",
@@ -105,7 +118,7 @@ def run_predict(args: argparse.Namespace) -> int:
     with native_stderr_muted():
         classifier = load_classifier(args.model)
     style = "json" if args.json else "csv" if args.csv else "table"
-    width = max(_display_width(str(f)) for f in files)
+    width = max(_display_width(_printable(str(f))) for f in files)
     output = _Output(style, classifier.class_names, args.top_k, width)
     failed = 0
     # the bar goes to stderr, and only on a terminal (disable=None); bar.write keeps the
@@ -154,7 +167,7 @@ class _Output:
         if self.style == "csv":
             return _csv([str(path), *(v for name, p in top for v in (name, f"{p:.6f}"))])
         columns = "  ".join(f"{_pad(name, self.class_width)} {p:7.2%}" for name, p in top)
-        return f"{_pad(str(path), self.file_width)}  {columns}"
+        return f"{_pad(_printable(str(path)), self.file_width)}  {columns}"
 
 
 def _display_width(text: str) -> int:
@@ -166,10 +179,18 @@ def _pad(text: str, width: int) -> str:
     return text + " " * (width - _display_width(text))
 
 
+def _printable(text: str) -> str:
+    """`text` with control characters (a newline in a file name) as escapes, as Python
+    writes them: one table row per file."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _csv(values: list[str]) -> str:
+    """One CSV record, without its line end. The csv module quotes a field that holds a
+    character of its line terminator, so a newline in a file name stays inside quotes."""
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="").writerow(values)
-    return buffer.getvalue()
+    csv.writer(buffer, lineterminator="\r\n").writerow(values)
+    return buffer.getvalue().removesuffix("\r\n")
 
 
 @contextlib.contextmanager
@@ -187,13 +208,6 @@ def native_stderr_muted() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
 
 
 # --- imageclf serve -------------------------------------------------------------------------

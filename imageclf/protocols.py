@@ -139,11 +139,12 @@ class ErrorResponse(BaseModel):
     error: str
 
 
-def parse(model: type[BaseModel], body: bytes) -> Any:
+def parse(model: type[BaseModel], body: bytes, what: str = "request body") -> Any:
+    """`body` as `model`; `what` names the body in the error of one that is not."""
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        raise RequestError(f"{model.__name__}: {validation_message(exc)}") from None
+        raise RequestError(f"{what}: {validation_message(exc)}") from None
 
 
 def validation_message(exc: ValidationError | RequestValidationError) -> str:
@@ -239,6 +240,14 @@ def split_binary(
     header's length in `header_length`), or the whole body and None for a plain JSON request."""
     length = header_length
     if length is None:
+        if content_type == "application/octet-stream":
+            raise RequestError(
+                "Content-Type application/octet-stream without an Inference-Header-Content-"
+                "Length header: with binary tensor data, that header gives the byte length of "
+                "the JSON header at the start of the body; or send JSON with Content-Type: "
+                "application/json",
+                415,
+            )
         require_json(content_type)
         return body, None
     if content_type not in ("", "application/octet-stream", "application/json"):

@@ -384,7 +384,7 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
                     request.headers.get("inference-header-content-length"),
                     content_type(request.headers),
                 )
-                parsed = parse(InferenceRequest, header)
+                parsed = parse(InferenceRequest, header, _v2_header(binary, len(header)))
                 images = v2_images(parsed, binary, settings.max_images, settings.max_pixels)
                 binary_out = binary_output(parsed)
             probabilities = await service.batcher.predict(list(images))
@@ -405,7 +405,7 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
             require_json(content_type(request.headers))
             with service.batcher.arriving(), _reading("predict request"):
                 body = await request.body()
-                instances = tf_serving_instances(parse(TFServingRequest, body))
+                instances = tf_serving_instances(parse(TFServingRequest, body, "predict request"))
                 check_count(len(instances), settings.max_images)
                 images = await run_in_threadpool(
                     tf_serving_images, instances, settings.max_pixels, classifier.input_size
@@ -502,6 +502,16 @@ async def _decode(
     return await run_in_threadpool(decode_files, files, max_pixels, size)
 
 
+def _v2_header(binary: bytes | None, length: int) -> str:
+    """What the error of an unreadable v2 request calls its JSON."""
+    if binary is None:
+        return "inference request"
+    return (
+        f"inference request header (the body's first {length} bytes, as "
+        "Inference-Header-Content-Length says; check that count)"
+    )
+
+
 def _body(schema: str, description: str, media_types: tuple[str, ...]) -> dict:
     """OpenAPI for a request body that the route reads itself (JSON or JSON + binary)."""
     reference = {"$ref": f"#/components/schemas/{schema}"}
@@ -571,7 +581,7 @@ class BodyLimit:
 
     def _too_large(self) -> RequestError:
         return RequestError(
-            f"request body over the limit of {self.max_bytes / 2**20:g} MB (--max-body-mb)", 413
+            f"request body over the limit of {self.max_bytes / 2**20:g} MiB (--max-body-mb)", 413
         )
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -666,6 +676,11 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         workers=args.workers,
     )
+    # one listening socket per worker process where the kernel balances connections over
+    # them (Linux), else uvicorn's workers on one shared socket
+    own_sockets = hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
+    # bound before the model loads: a port in use is one clear error, at once
+    bound = _bound_socket(args.host, args.port, reuse_port=settings.workers > 1 and own_sockets)
     # loaded here also with several workers: a model that does not load is one clear error
     classifier = _load_warm(args.model)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
@@ -691,7 +706,9 @@ def run(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": 30,
     }
     if settings.workers == 1:
-        uvicorn.run(create_app(classifier, settings), **server)
+        bound.listen(BACKLOG)
+        app = create_app(classifier, settings)
+        uvicorn.Server(uvicorn.Config(app, **server)).run(sockets=[bound])
         return 0
     del classifier  # the workers load their own
     with tempfile.TemporaryDirectory(prefix="imageclf-serve-") as shared:
@@ -701,27 +718,28 @@ def run(args: argparse.Namespace) -> int:
         os.environ[WORKER_CONFIG] = json.dumps(
             {"model": str(args.model), "settings": asdict(settings), "slots": shared}
         )
-        if hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux"):
-            _serve_workers(server, settings.workers)
-        else:  # no kernel balancing of connections: uvicorn's workers, on one shared socket
+        if own_sockets:
+            _serve_workers(server, settings.workers, bound)
+        else:
+            bound.close()
             uvicorn.run(WORKER_APP, factory=True, workers=settings.workers, **server)
     return 0
 
 
 WORKER_APP = "imageclf.serve:worker_app"
+BACKLOG = 2048  # uvicorn's default: connections the kernel holds until they are accepted
 
 
-def _serve_workers(server: dict[str, Any], workers: int) -> None:
+def _serve_workers(server: dict[str, Any], workers: int, port_holder: socket.socket) -> None:
     """Run `workers` uvicorn server processes, each accepting on a listening socket of its own
     on the one port (SO_REUSEPORT), so that Linux spreads new connections evenly over them.
     uvicorn's own workers share one socket, and the first to wake accepts every connection
     waiting: 16 keep-alive clients that connect at once often all landed on one worker
     (benchmarks/serve.py, TFLite, 32 x 32 PNG: 668 against 1,134 requests/s from one run to
     the next; 1,141-1,153 in three runs with a socket each). A worker that dies is replaced;
-    SIGTERM or SIGINT stops them all, each first answering its requests in flight."""
-    # held, not listening, for as long as the service runs: a port in use is one clear error
-    # now, and no other program takes the port while a worker restarts
-    port_holder = _reuse_port_socket(server["host"], server["port"])
+    SIGTERM or SIGINT stops them all, each first answering its requests in flight.
+    `port_holder`, bound to the port but not listening, keeps it for the service while a
+    worker restarts."""
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
@@ -754,17 +772,19 @@ def _worker_process(server: dict[str, Any]) -> None:
     # a supervisor killed outright (SIGKILL, or SIGHUP with its terminal) takes its workers
     # along, each answering its requests in flight, instead of leaving them on the port
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    listener = _reuse_port_socket(server["host"], server["port"])
-    listener.listen(2048)  # uvicorn's default backlog
+    listener = _bound_socket(server["host"], server["port"], reuse_port=True)
+    listener.listen(BACKLOG)
     uvicorn.Server(uvicorn.Config(WORKER_APP, factory=True, **server)).run(sockets=[listener])
 
 
-def _reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port that other processes of this user may bind too."""
+def _bound_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to host:port; with `reuse_port`, one that other processes of this
+    user may bind too (SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: past TIME_WAIT
+    if reuse_port:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         listener.bind((host, port))
     except OSError as exc:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imageclf.images import DEFAULT_MAX_PIXELS
 from imageclf.paths import FINETUNED
@@ -38,9 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
     )
-    parser.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    parser.add_argument("--port", type=_port, default=8000, help="default: %(default)s")
     parser.add_argument(
-        "--name", default=defaults.name, help="the model's name in the URLs (default: %(default)s)"
+        "--name",
+        type=_model_name,
+        default=defaults.name,
+        help="the model's name in the URLs (default: %(default)s)",
     )
     tuning = (
         ("--max-batch", int, "most images in one model call; 1 turns dynamic batching off"),
@@ -57,20 +63,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, option.removeprefix("--").replace("-", "_"))
         parser.add_argument(
             option,
-            type=_positive(kind, zero=option == "--batch-wait-ms"),
+            type=positive_number(kind, zero=option == "--batch-wait-ms"),
             default=default,
             help=f"{text} (default: %(default)s)",
         )
 
 
-def _positive(kind: type, zero: bool = False):
-    def parse(text: str):
+def positive_number(kind: type, zero: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` (int or float) above 0, or from 0 with `zero`."""
+
+    def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            number = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {number}: {text!r}") from None
         if value < 0 or (value == 0 and not zero) or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}: {text}")
         return value
 
     return parse
+
+
+def _port(text: str) -> int:
+    port = positive_number(int)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1 to 65535)")
+    return port
+
+
+# a name in URL paths (/v2/models/<name>/infer, /v1/models/<name>:predict) as KServe and TF
+# Serving write them: no "/" or ":", which would split the route
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _model_name(text: str) -> str:
+    if not _MODEL_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a model name in URLs is letters, digits, '_', '.' and '-', starting "
+            "with a letter or digit"
+        )
+    return text

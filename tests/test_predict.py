@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import re
+import subprocess
 import unicodedata
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.repos import run
+from tests.repos import run, venv_env
 from tests.synthetic import CLASSES
 
 # name -> (width, height, class, how it is saved); the class is the image's dominant colour
@@ -133,6 +134,40 @@ def test_globs_files_csv_top_k_and_skip(photos: Path, tiny_model: Path) -> None:
         assert {row["class_1"], row["class_2"]} <= set(CLASSES)
     assert "skipped: broken.png" in err and "skipped: bomb.png" in err
     assert status == 0
+
+
+def test_odd_file_names_keep_one_record_each_and_a_closed_pipe_is_no_error(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    names = ["new\nline.png", 'comma, "quote".png', "日本.png"]
+    for name in names:
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
+    model = ("--model", str(tiny_model))
+    status, out, _ = predict(tmp_path, ".", *model, "--csv")
+    assert status == 0
+    assert sorted(row["file"] for row in csv.DictReader(io.StringIO(out))) == sorted(names)
+    status, out, _ = predict(tmp_path, ".", *model)
+    assert status == 0
+    rows = out.splitlines()[1:]  # after the header: one row per file, the newline escaped
+    assert len(rows) == 3 and any(row.startswith("new\\nline.png ") for row in rows)
+    # a reader that stops early (`| head -1`) ends the command quietly: 1,000 images print
+    # more than a pipe holds, so the command is still writing when `head` has gone
+    many = tmp_path / "many"
+    many.mkdir()
+    for index in range(1000):
+        Image.fromarray(np.full((8, 8, 3), index % 256, np.uint8)).save(many / f"{index}.png")
+    shell = f"imageclf predict many --model {tiny_model} --json | head -1"
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", shell],
+        cwd=tmp_path,
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert json.loads(result.stdout)["file"].startswith("many/")
+    assert result.returncode == 141  # as any command whose reader went away (SIGPIPE)
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr
 
 
 def test_a_large_photo_decoded_near_the_model_size_same_answer(

@@ -211,7 +211,7 @@ def test_health_and_metadata_follow_the_open_inference_protocol(
         {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(synthetic.CLASSES)]}
     ]
     # listens on 127.0.0.1 unless told otherwise
-    assert f"running on http://127.0.0.1:{server.port}" in server.log.read_text()
+    assert f"on http://127.0.0.1:{server.port}" in server.log.read_text()
 
 
 def test_page_shows_the_model_and_loads_only_local_assets(
@@ -400,6 +400,10 @@ def _bad_requests() -> list[tuple[str, str, bytes, dict, int, str]]:
     case("header length past the body", INFER, body, bad_length, 400, "Inference-Header")
     bad_length = {**headers, "Inference-Header-Content-Length": "-5"}
     case("negative header length", INFER, body, bad_length, 400, "Inference-Header")
+    short_length = {**headers, "Inference-Header-Content-Length": str(len(body) // 2)}
+    case("header length inside the tensor", INFER, body, short_length, 400, "Inference-Header")
+    no_length = {"Content-Type": "application/octet-stream"}
+    case("binary without its header length", INFER, body, no_length, 415, "Inference-Header")
     case("unknown model (v2)", "/v2/models/other/infer", *infer(v2_tensor(SMALL)), 404, "other")
     case("unknown model metadata", "GET /v2/models/other", b"", {}, 404, "other")
     case("unknown model ready", "GET /v2/models/other/ready", b"", {}, 404, "other")
@@ -661,12 +665,13 @@ def test_two_worker_processes_answer_alike_count_together_and_stop_on_sigterm(
         workers.stop()
 
 
-def test_workers_on_a_port_in_use_end_in_one_clear_error(tiny_model: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_ends_in_one_clear_error(tiny_model: Path, workers: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        command = ["imageclf", "serve", "--model", str(tiny_model), "--workers", "2"]
+        command = ["imageclf", "serve", "--model", str(tiny_model), "--workers", workers]
         result = subprocess.run(
             [*command, "--port", str(port)],
             env=venv_env(),
@@ -676,6 +681,30 @@ def test_workers_on_a_port_in_use_end_in_one_clear_error(tiny_model: Path) -> No
         )
     assert result.returncode != 0
     assert f"127.0.0.1:{port}: cannot listen there" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--port", "70000", "not a TCP port"),
+        ("--name", "a/b", "letters, digits"),
+        ("--name", "", "letters, digits"),
+        ("--max-images", "1.5", "not a whole number"),
+    ],
+)
+def test_options_out_of_range_are_refused_before_serving(
+    option: str, value: str, words: str
+) -> None:
+    result = subprocess.run(
+        ["imageclf", "serve", option, value],
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2  # argparse's usage error, before any model loads
+    assert option in result.stderr and words in result.stderr
     assert "Traceback" not in result.stderr
 
 
