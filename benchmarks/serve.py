@@ -11,6 +11,11 @@ of them is compared.
 
     pip install -r benchmarks/requirements.txt    # Flask, for the baseline
     python benchmarks/serve.py                    # about 10 minutes on 2 cores
+    python benchmarks/serve.py --goal-repeats 3   # the issue's goal cell only, 3 times: 5 minutes
+
+With --goal-repeats N, only the cell of the issue's 60% goal is measured (16 clients, the
+32 x 32 PNG), N times per format, one process and one worker per core alternating, each
+against the format's ceiling measured just before: one run's cell varies by 10-15%.
 
 Without models/finetuned.keras (a full `dvc repro`), a stand-in of the same architecture and
 size (fastnet [64, 256, 256], 10 classes, 32 x 32) is built with random weights: throughput,
@@ -303,13 +308,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=PROJECT / "models" / "finetuned.keras")
     parser.add_argument("--tflite", type=Path, default=PROJECT / "export" / "model.tflite")
+    parser.add_argument("--goal-repeats", type=int, default=0, metavar="N")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="imageclf-bench-") as tmp:
-        run(args.model, args.tflite, Path(tmp))
+        model, tflite = models_to_serve(args.model, args.tflite, Path(tmp))
+        if args.goal_repeats:
+            goal_cell(model, tflite, Path(tmp), args.goal_repeats)
+        else:
+            run(model, tflite, Path(tmp))
 
 
-def run(model: Path, tflite: Path, tmp: Path) -> None:
-    """The whole benchmark; stand-in models and logs go to `tmp`."""
+def models_to_serve(model: Path, tflite: Path, tmp: Path) -> tuple[Path, Path]:
+    """The Keras model and its TFLite export, or stand-ins written to `tmp`."""
     if not model.is_file():
         print(
             f"{model}: missing; using a random-weight stand-in (fastnet [64, 256, 256], 10 "
@@ -319,6 +329,36 @@ def run(model: Path, tflite: Path, tmp: Path) -> None:
     if not tflite.is_file():
         print(f"{tflite}: missing; exporting {model.name} to a temporary TFLite file")
         tflite = tflite_of(model, tmp)
+    return model, tflite
+
+
+def goal_cell(model: Path, tflite: Path, tmp: Path, repeats: int) -> None:
+    """The 16-client 32 x 32 PNG cell, `repeats` times per format and server setup."""
+    gemm, _ = numpy_gemm_gflops()
+    print(f"numpy float32 GEMM 4096^2: {gemm:.0f} GFLOP/s")
+    png = {"32x32 PNG": test_images()["32x32 PNG"]}
+    request = upload_request("/predict", "image", png["32x32 PNG"])
+    cores = str(len(os.sched_getaffinity(0)))
+    for kind, path in (("Keras", model), ("TFLite", tflite)):
+        top = ceiling(path, png)["32x32 PNG"]
+        shares: dict[str, list[float]] = {"one process": [], f"{cores} workers": []}
+        for _ in range(repeats):
+            for setup, options in zip(shares, ((), ("--workers", cores))):
+                server = imageclf_serve(path, tmp / "serve.log", *options)
+                try:
+                    shares[setup].append(measure(server.port, request, 16).requests_per_second)
+                finally:
+                    server.stop()
+        for setup, rates in shares.items():
+            print(
+                f"{kind}, {setup}: 16 clients, 32x32 PNG: "
+                + ", ".join(f"{rate:.0f}/s ({rate / top:.0%})" for rate in rates)
+                + f"; median {statistics.median(rates) / top:.0%} of the ceiling, {top:.0f} img/s"
+            )
+
+
+def run(model: Path, tflite: Path, tmp: Path) -> None:
+    """The whole benchmark; logs go to `tmp`."""
     gemm, blas = numpy_gemm_gflops()
     print(
         f"numpy float32 GEMM 4096^2: {gemm:.0f} GFLOP/s ({blas}); load average at start: "
