@@ -209,6 +209,9 @@ class Service:
         self.classifier = classifier
         self.settings = settings
         self.card = describe(classifier)
+        # a SavedModel's version folder (TF Serving's layout: export/saved_model/1); 1 else
+        path = Path(classifier.path)
+        self.version = path.name if classifier.format == "saved_model" else "1"
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "imageclf_requests",
@@ -260,10 +263,17 @@ class Service:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
 
-    def check_name(self, name: str) -> None:
+    def check_name(self, name: str, version: str | None = None) -> None:
+        """A 404 for a model name, or version, that this service does not serve."""
         if name != self.settings.name:
             raise RequestError(
                 f"unknown model {name!r}; this server serves {self.settings.name!r}", 404
+            )
+        if version is not None and version != self.version:
+            raise RequestError(
+                f"model {name!r} has no version {version!r}; this server serves version "
+                f"{self.version!r}",
+                404,
             )
 
 
@@ -342,12 +352,15 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
         ready = service.batcher.running
         return JSONResponse({"ready": ready}, 200 if ready else 503)
 
+    # Each model route also answers under .../versions/<version>/..., as the protocol's
+    # optional versioned routes, which Triton's clients use when given a model_version.
+
     @app.get("/v2/models/{model}", tags=["Open Inference Protocol"], responses=ERRORS)
     async def model_metadata(model: str) -> ModelMetadata:
         service.check_name(model)
         return ModelMetadata(
             name=name,
-            versions=[],
+            versions=[service.version],
             platform=PLATFORMS.get(classifier.format, classifier.format),
             inputs=[TensorMetadata(name=INPUT, datatype="UINT8", shape=[-1, -1, -1, 3])],
             outputs=[
@@ -357,22 +370,42 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
             ],
         )
 
+    @app.get(
+        "/v2/models/{model}/versions/{version}",
+        tags=["Open Inference Protocol"],
+        responses=ERRORS,
+    )
+    async def version_metadata(model: str, version: str) -> ModelMetadata:
+        service.check_name(model, version)
+        return await model_metadata(model)
+
     @app.get("/v2/models/{model}/ready", tags=["Open Inference Protocol"], responses=ERRORS)
     async def model_ready(model: str) -> dict[str, Any]:
         service.check_name(model)
         return {"name": name, "ready": service.batcher.running}
+
+    @app.get(
+        "/v2/models/{model}/versions/{version}/ready",
+        tags=["Open Inference Protocol"],
+        responses=ERRORS,
+    )
+    async def version_ready(model: str, version: str) -> dict[str, Any]:
+        service.check_name(model, version)
+        return await model_ready(model)
+
+    infer_body = _body(
+        "InferenceRequest",
+        "JSON, or with the binary tensor data extension: the JSON header (its length in "
+        "the Inference-Header-Content-Length header), then the tensor's bytes",
+        ("application/json", "application/octet-stream"),
+    )
 
     @app.post(
         "/v2/models/{model}/infer",
         tags=["Open Inference Protocol"],
         response_model=InferenceResponse,
         responses=ERRORS,
-        openapi_extra=_body(
-            "InferenceRequest",
-            "JSON, or with the binary tensor data extension: the JSON header (its length in "
-            "the Inference-Header-Content-Length header), then the tensor's bytes",
-            ("application/json", "application/octet-stream"),
-        ),
+        openapi_extra=infer_body,
     )
     async def infer(model: str, request: Request) -> Response:
         service.check_name(model)
@@ -389,6 +422,17 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
                 binary_out = binary_output(parsed)
             probabilities = await service.batcher.predict(list(images))
             return v2_response(name, parsed, probabilities, binary_out)
+
+    @app.post(
+        "/v2/models/{model}/versions/{version}/infer",
+        tags=["Open Inference Protocol"],
+        response_model=InferenceResponse,
+        responses=ERRORS,
+        openapi_extra=infer_body,
+    )
+    async def version_infer(model: str, version: str, request: Request) -> Response:
+        service.check_name(model, version)
+        return await infer(model, request)
 
     # TF Serving REST ------------------------------------------------------------------------
 
@@ -412,6 +456,31 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
                 )
             probabilities = await service.batcher.predict(images)
             return JSONResponse({"predictions": probabilities.tolist()})
+
+    @app.post(
+        "/v1/models/{model}/versions/{version}:predict",
+        tags=["TF Serving REST"],
+        response_model=TFServingResponse,
+        responses=ERRORS,
+        openapi_extra=_body("TFServingRequest", "TF Serving's row format", ("application/json",)),
+    )
+    async def tf_serving_version_predict(model: str, version: str, request: Request) -> Response:
+        service.check_name(model, version)
+        return await tf_serving_predict(model, request)
+
+    @app.get("/v1/models/{model}", tags=["TF Serving REST"], responses=ERRORS)
+    async def tf_serving_status(model: str) -> dict[str, Any]:
+        """TF Serving's model status: the version served, AVAILABLE once it answers."""
+        service.check_name(model)
+        state = "AVAILABLE" if service.batcher.running else "LOADING"
+        status = {"error_code": "OK", "error_message": ""}
+        version = {"version": service.version, "state": state, "status": status}
+        return {"model_version_status": [version]}
+
+    @app.get("/v1/models/{model}/versions/{version}", tags=["TF Serving REST"], responses=ERRORS)
+    async def tf_serving_version_status(model: str, version: str) -> dict[str, Any]:
+        service.check_name(model, version)
+        return await tf_serving_status(model)
 
     # Uploads --------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -312,16 +313,32 @@ def test_a_triton_client_works_unchanged(server: Server, red_image: np.ndarray) 
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(NAME)
     assert client.get_model_metadata(NAME)["inputs"][0]["datatype"] == "UINT8"
     images = np.stack([red_image, synthetic.class_images(2, 1, 24, seed=7)[0][:, :20]])
+    # the versioned routes too: what a client given a model_version calls
+    assert client.get_model_metadata(NAME)["versions"] == ["1"]
+    assert client.is_model_ready(NAME, model_version="1")
+    assert client.get_model_metadata(NAME, model_version="1")["name"] == NAME
     answers = []
-    for binary in (False, True):
+    for binary, version in ((False, ""), (True, ""), (True, "1")):
         tensor = httpclient.InferInput("image", list(images.shape), "UINT8")
         tensor.set_data_from_numpy(images, binary_data=binary)
         output = httpclient.InferRequestedOutput("probabilities", binary_data=binary)
-        answers.append(client.infer(NAME, [tensor], outputs=[output]).as_numpy("probabilities"))
+        result = client.infer(NAME, [tensor], model_version=version, outputs=[output])
+        answers.append(result.as_numpy("probabilities"))
+    with pytest.raises(InferenceServerException, match="no version '2'"):
+        client.infer(NAME, [tensor], model_version="2")
     status, tf_serving = server.json("POST", TF_PREDICT, {"instances": images.tolist()})
     assert status == 200
+    versioned = f"/v1/models/{NAME}/versions/1:predict"
+    assert server.json("POST", versioned, {"instances": images.tolist()}) == (200, tf_serving)
     for answer in answers:
         np.testing.assert_allclose(answer, tf_serving["predictions"], atol=1e-6)
+    # TF Serving's model status, as its clients poll it
+    status, state = server.json("GET", f"/v1/models/{NAME}")
+    assert status == 200
+    assert state["model_version_status"][0]["version"] == "1"
+    assert state["model_version_status"][0]["state"] == "AVAILABLE"
+    assert server.json("GET", f"/v1/models/{NAME}/versions/1") == (200, state)
+    assert server.json("GET", f"/v1/models/{NAME}/versions/3")[0] == 404
     with pytest.raises(InferenceServerException, match="UINT8"):
         bad = httpclient.InferInput("image", [1, 2, 2, 3], "FP32")
         bad.set_data_from_numpy(np.zeros((1, 2, 2, 3), np.float32))
@@ -798,11 +815,15 @@ def _running(pid: int) -> bool:
 def test_an_exported_saved_model_serves_what_the_keras_model_does(
     server: Server, finished_repo: Path, red_image: np.ndarray, tmp_path: Path
 ) -> None:
-    saved_model = finished_repo / "export" / "saved_model"  # TF Serving's layout: 1/ inside
+    # TF Serving's layout, export/saved_model/1/, as a team would deploy a later version
+    saved_model = tmp_path / "saved_model"
+    shutil.copytree(finished_repo / "export" / "saved_model" / "1", saved_model / "7")
     exported = Server(saved_model, tmp_path / "log")
     try:
         status, metadata = exported.json("GET", f"/v2/models/{NAME}")
         assert status == 200 and metadata["platform"] == "tensorflow_savedmodel"
+        assert metadata["versions"] == ["7"]  # the version folder served
+        assert exported.json("GET", f"/v1/models/{NAME}/versions/7")[0] == 200
         request = v2_tensor(red_image[None])
         answers = [s.json("POST", INFER, request) for s in (server, exported)]
         assert [status for status, _ in answers] == [200, 200]
