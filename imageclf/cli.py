@@ -8,7 +8,6 @@ Each subcommand is a function below that adds its parser to the `COMMANDS` list 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import json
@@ -16,7 +15,7 @@ import os
 import signal
 import sys
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +111,7 @@ def add_predict(subcommands: argparse._SubParsersAction) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from imageclf.predict import find_images, load_classifier, predict_files
+    from imageclf.predict import find_images, load_classifier, native_stderr_muted, predict_files
 
     files = find_images(args.paths)  # before loading the model: a typo fails at once
     with native_stderr_muted():
@@ -191,23 +190,6 @@ def _csv(values: list[str]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\r\n").writerow(values)
     return buffer.getvalue().removesuffix("\r\n")
-
-
-@contextlib.contextmanager
-def native_stderr_muted() -> Iterator[None]:
-    """Silence what TensorFlow and LiteRT print from C++ while they start and load a model (CPU
-    features, CUDA drivers, delegates): it comes before their log level applies. Python errors
-    still surface as exceptions, printed after the block."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 # --- imageclf serve -------------------------------------------------------------------------

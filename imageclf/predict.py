@@ -12,9 +12,12 @@ one place where that happens, in every format, so one photo gives one answer eve
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import os
 import queue
+import sys
 import threading
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -96,6 +99,23 @@ def load_classifier(path: str | Path) -> Classifier:
             f"{path}: cannot load this model ({reason}); expected {MODEL_FORMATS} written by "
             "this project's pipeline"
         ) from None
+
+
+@contextlib.contextmanager
+def native_stderr_muted() -> Iterator[None]:
+    """Silence what TensorFlow and LiteRT print from C++ while they start and load a model (CPU
+    features, CUDA drivers, delegates): it comes before their log level applies. Python errors
+    still surface as exceptions, printed after the block."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _load_keras(path: Path) -> Classifier:
@@ -220,9 +240,21 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
             if not matches:
                 raise PipelineError(f"{raw}: no files match this pattern")
             found += find_images(matches)
+        elif path.is_symlink():
+            raise PipelineError(f"{raw}: {_broken_link(path)}")
         else:
             raise PipelineError(f"{raw}: no such file or folder")
     return list(dict.fromkeys(found))
+
+
+def _broken_link(path: Path) -> str:
+    """Why a symbolic link leads to no file or folder."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a loop of symbolic links; point it at a file or folder"
+    return f"a symbolic link to {os.readlink(path)}, which does not exist"
 
 
 @dataclass

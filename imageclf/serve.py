@@ -65,7 +65,7 @@ from imageclf.batching import Batcher
 from imageclf.errors import PipelineError
 from imageclf.images import BadImage
 from imageclf.paths import EVAL_METRICS, EXPORT_METRICS
-from imageclf.predict import Classifier, load_classifier
+from imageclf.predict import Classifier, load_classifier, native_stderr_muted
 from imageclf.protocols import (
     INPUT,
     OUTPUT,
@@ -923,7 +923,8 @@ def _alive(pid: int) -> bool:
 
 
 def _load_warm(model: Path | str) -> Classifier:
-    classifier = load_classifier(model)
+    with native_stderr_muted():  # TensorFlow's start-up lines (CPU features, CUDA drivers)
+        classifier = load_classifier(model)
     # the first call builds the model's graph; pay for it before the first request does
     classifier.predict(np.zeros((1, 32, 32, 3), np.uint8))
     return classifier

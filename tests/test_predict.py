@@ -242,6 +242,8 @@ def test_the_table_stays_aligned_with_wide_characters_in_names(
     ("args", "message"),
     [
         (["missing.jpg"], "missing.jpg: no such file or folder"),
+        (["gone.jpg"], "gone.jpg: a symbolic link to missing.jpg, which does not exist"),
+        (["loop.jpg"], "loop.jpg: a loop of symbolic links"),
         (["empty"], "empty: no image files in this folder or below it"),
         (["*.heic"], "*.heic: no files match this pattern"),
         (["red.png", "--model", "nowhere.keras"], "nowhere.keras: no model here"),
@@ -257,6 +259,8 @@ def test_bad_paths_and_models_one_clear_error(
         (tmp_path / name).write_bytes((photos / name).read_bytes())
     (tmp_path / "broken.tflite").write_bytes(b"not a flatbuffer")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "gone.jpg").symlink_to("missing.jpg")
+    (tmp_path / "loop.jpg").symlink_to("loop.jpg")
     status, out, err = predict(tmp_path, *args)
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert message in err
