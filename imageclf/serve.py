@@ -60,6 +60,7 @@ from prometheus_client import (
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from imageclf.batching import Batcher
 from imageclf.errors import PipelineError
@@ -543,7 +544,8 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
 
     app.openapi = _openapi_with(app, (InferenceRequest, TFServingRequest))
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_body_mb * 1024 * 1024))
-    app.add_middleware(RequestMetrics, service=service)  # outermost: counts every answer
+    # outermost: counts every answer
+    app.add_middleware(RequestMetrics, service=service, routes=app.router.routes)
     return app
 
 
@@ -683,8 +685,17 @@ class RequestMetrics:
     """Count requests by route template (not raw path: bounded label values) and status, and
     time them."""
 
-    def __init__(self, app: Any, service: Service) -> None:
-        self.app, self.service = app, service
+    def __init__(self, app: Any, service: Service, routes: list) -> None:
+        self.app, self.service, self.routes = app, service, routes
+
+    def _route(self, scope: dict) -> str:
+        """The route template of a request; for one answered before routing (a body over the
+        limit) the route it was for, found as the router finds it."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.routes if r.matches(scope)[0] == Match.FULL), None)
+        # a mount (static files) sets root_path instead
+        return getattr(route, "path", None) or scope.get("root_path") or "unmatched"
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -697,9 +708,7 @@ class RequestMetrics:
             if counted:
                 return
             counted = True
-            # a route's template; a mount (static files) sets root_path instead
-            route = getattr(scope.get("route"), "path", None) or scope.get("root_path")
-            route = route or "unmatched"
+            route = self._route(scope)
             self.service.requests.labels(route, scope["method"], str(status)).inc()
             self.service.latency.labels(route).observe(time.perf_counter() - start)
 

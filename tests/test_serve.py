@@ -490,6 +490,11 @@ def test_a_body_over_the_limit_gets_413_before_or_while_it_is_read(server: Serve
         connection.request("POST", TF_PREDICT, body=chunks, headers=JSON, encode_chunked=True)
     response = connection.getresponse()
     assert response.status == 413 and "--max-body-mb" in json.loads(response.read())["error"]
+    # counted under the routes they were sent to, though answered before routing
+    metrics = server.metrics()
+    assert 'route="/v2/models/{model}/infer",status="413"' in metrics
+    assert 'route="/v1/models/{model}:predict",status="413"' in metrics
+    assert 'route="unmatched",status="413"' not in metrics
 
 
 def test_no_mangled_request_gets_a_5xx(server: Server, red_image: np.ndarray) -> None:
