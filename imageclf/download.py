@@ -62,6 +62,7 @@ def fetch_dataset(
                         "Set data.checksum to null."
                     )
                 _copy_folder(local, staging)
+                _require_files(staging, source)
                 _swap_in(staging, out_dir)
                 return
             archive = local
@@ -75,7 +76,18 @@ def fetch_dataset(
                     "again, or set data.checksum to the new value if the change is intended."
                 )
         _extract(archive, staging, source)
+        _require_files(staging, source)
         _swap_in(staging, out_dir)
+
+
+def _require_files(staging: Path, source: str) -> None:
+    """Refuse an empty dataset here, where the user's data.source can be named, rather than
+    in preprocess, which sees only data/raw (and after DVC has recorded it)."""
+    if not any(path.is_file() for path in staging.rglob("*")):
+        raise PipelineError(
+            f"data.source: {source} holds no files; point it at the dataset's folder or "
+            "archive (one folder of images per class)"
+        )
 
 
 def _parse_checksum(checksum: str | None) -> tuple[str, str | None]:

@@ -270,3 +270,19 @@ def test_broken_link_in_a_source_folder_is_named_and_nothing_is_replaced(tmp_pat
     )
     assert tree(raw) == before
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["raw"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "archive"])
+def test_an_empty_source_is_named_and_nothing_is_replaced(tmp_path: Path, kind: str) -> None:
+    source = tmp_path / "empty"
+    (source / "cats").mkdir(parents=True)  # folders, no files
+    if kind == "archive":
+        with tarfile.open(tmp_path / "empty.tar.gz", "w:gz") as tar:
+            tar.add(source, arcname="empty")
+        source = tmp_path / "empty.tar.gz"
+    raw = dataset_folder(tmp_path / "data" / "raw")
+    before = tree(raw)
+    with pytest.raises(PipelineError, match=f"data.source: {source} holds no files"):
+        fetch_dataset(str(source), raw)
+    assert tree(raw) == before
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["raw"]

@@ -178,6 +178,19 @@ def test_bad_params_fail_with_their_key_and_once_fixed_nothing_retrains(repo: Pa
     assert ran_stages(run(repo, "dvc", "repro").stdout) == []
 
 
+def test_a_misspelled_section_fails_dvc_repro_though_no_stage_reads_it(repo: Path) -> None:
+    # no stage declares `trian`, so without check_params DVC would say "up to date"
+    set_params(repo, trian={"epochs": 3})
+    failed = run(repo, "dvc", "repro", check=False)
+    assert failed.returncode != 0
+    assert "trian: unknown key" in failed.stderr + failed.stdout
+    assert ran_stages(failed.stdout) == []
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    del params["trian"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran_stages(run(repo, "dvc", "repro").stdout) == []
+
+
 def test_same_params_same_results_other_seed_other_results(repo: Path) -> None:
     before = {
         name: without_time(repo / "metrics" / f"{name}.json")
