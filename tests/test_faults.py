@@ -147,18 +147,26 @@ def test_fingerprint_follows_the_stage_params_and_deps_only(tmp_path: Path, monk
     assert stage_fingerprint("train") not in (first, changed_param)
 
 
+def locked_results(repo: Path) -> dict:
+    """dvc.lock's stages that make results: check_params, which validates the params and
+    makes nothing, is locked as soon as it passes, before a later stage fails."""
+    stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    stages.pop("check_params")
+    return stages
+
+
 def test_failing_stage_under_dvc_repro_then_dvc_checkout_restores_the_last_good_outputs(
     repo: Path,
 ) -> None:
     good_model = (repo / "models" / "model.keras").read_bytes()
-    lock_before = (repo / "dvc.lock").read_text()
+    lock_before = locked_results(repo)
     # a weights file that is not there: train fails once it runs, after DVC removed its outputs
     set_params(repo, **{"model.weights": "pretrained/missing.keras"})
     failed = run(repo, "dvc", "repro", check=False)
     assert failed.returncode != 0
     assert "model.weights: pretrained/missing.keras does not exist" in failed.stderr
     assert "Traceback" not in failed.stderr
-    assert (repo / "dvc.lock").read_text() == lock_before
+    assert locked_results(repo) == lock_before
     assert (repo / "data" / "augmented").is_dir() and (repo / "data" / "prepared").is_dir()
     # DVC removed the stage's outputs before running it: the last good ones come back from
     # the DVC cache (models, data) and from git (metrics and plots, `cache: false`)
@@ -166,6 +174,8 @@ def test_failing_stage_under_dvc_repro_then_dvc_checkout_restores_the_last_good_
     run(repo, "dvc", "checkout")
     run(repo, "git", "checkout", "--", "metrics", "plots")
     assert (repo / "models" / "model.keras").read_bytes() == good_model
+    # check_params locked the failed run's params; it alone runs again, nothing retrains
+    assert ran_stages(run(repo, "dvc", "repro").stdout) == []
     assert run(repo, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
 
 
@@ -205,7 +215,7 @@ def test_same_params_same_results_other_seed_other_results(repo: Path) -> None:
     set_params(repo, seed=7)
     # every stage that draws random numbers reads the seed (and what follows them reruns)
     status = yaml.safe_load(run(repo, "dvc", "status", "--json").stdout)
-    assert sorted(status) == ["augment", "finetune", "preprocess", "train"]
+    assert sorted(status) == ["augment", "check_params", "finetune", "preprocess", "train"]
     assert ran_stages(run(repo, "dvc", "repro", "train").stdout) == [
         "preprocess",
         "augment",
@@ -308,7 +318,7 @@ class FlakyArchive(BaseHTTPRequestHandler):
 def test_download_cut_off_fails_the_stage_cleanly_and_a_rerun_succeeds(
     repo: Path, tmp_path: Path, http_server
 ) -> None:
-    lock_before = (repo / "dvc.lock").read_text()
+    lock_before = locked_results(repo)
     FlakyArchive.archive = synthetic.tar_gz(
         tmp_path / "shapes",
         tmp_path / "shapes.tar.gz",  # the dataset next to the copy
@@ -319,7 +329,7 @@ def test_download_cut_off_fails_the_stage_cleanly_and_a_rerun_succeeds(
     failed = run(repo, "dvc", "repro", check=False)
     assert failed.returncode != 0
     assert f"error: {url}: download failed after 4 attempt(s)" in failed.stderr
-    assert (repo / "dvc.lock").read_text() == lock_before
+    assert locked_results(repo) == lock_before
     assert not (repo / "data" / "raw").exists()
     assert [p.name for p in (repo / "data").iterdir() if p.name.startswith(".raw")] == []
 
