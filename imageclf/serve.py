@@ -394,20 +394,19 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
         service.check_name(model, version)
         return await model_ready(model)
 
-    infer_body = _body(
-        "InferenceRequest",
-        "JSON, or with the binary tensor data extension: the JSON header (its length in "
-        "the Inference-Header-Content-Length header), then the tensor's bytes",
-        ("application/json", "application/octet-stream"),
-    )
+    v2_infer = {
+        "tags": ["Open Inference Protocol"],
+        "response_model": InferenceResponse,
+        "responses": ERRORS,
+        "openapi_extra": _body(
+            "InferenceRequest",
+            "JSON, or with the binary tensor data extension: the JSON header (its length in "
+            "the Inference-Header-Content-Length header), then the tensor's bytes",
+            ("application/json", "application/octet-stream"),
+        ),
+    }
 
-    @app.post(
-        "/v2/models/{model}/infer",
-        tags=["Open Inference Protocol"],
-        response_model=InferenceResponse,
-        responses=ERRORS,
-        openapi_extra=infer_body,
-    )
+    @app.post("/v2/models/{model}/infer", **v2_infer)
     async def infer(model: str, request: Request) -> Response:
         service.check_name(model)
         with service.in_progress.track_inprogress():
@@ -424,26 +423,23 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
             probabilities = await service.batcher.predict(list(images))
             return v2_response(name, parsed, probabilities, binary_out)
 
-    @app.post(
-        "/v2/models/{model}/versions/{version}/infer",
-        tags=["Open Inference Protocol"],
-        response_model=InferenceResponse,
-        responses=ERRORS,
-        openapi_extra=infer_body,
-    )
+    @app.post("/v2/models/{model}/versions/{version}/infer", **v2_infer)
     async def version_infer(model: str, version: str, request: Request) -> Response:
         service.check_name(model, version)
         return await infer(model, request)
 
     # TF Serving REST ------------------------------------------------------------------------
 
-    @app.post(
-        "/v1/models/{model}:predict",
-        tags=["TF Serving REST"],
-        response_model=TFServingResponse,
-        responses=ERRORS,
-        openapi_extra=_body("TFServingRequest", "TF Serving's row format", ("application/json",)),
-    )
+    tf_serving = {
+        "tags": ["TF Serving REST"],
+        "response_model": TFServingResponse,
+        "responses": ERRORS,
+        "openapi_extra": _body(
+            "TFServingRequest", "TF Serving's row format", ("application/json",)
+        ),
+    }
+
+    @app.post("/v1/models/{model}:predict", **tf_serving)
     async def tf_serving_predict(model: str, request: Request) -> JSONResponse:
         service.check_name(model)
         with service.in_progress.track_inprogress():
@@ -458,13 +454,7 @@ def create_app(classifier: Classifier, settings: Settings) -> FastAPI:
             probabilities = await service.batcher.predict(images)
             return JSONResponse({"predictions": probabilities.tolist()})
 
-    @app.post(
-        "/v1/models/{model}/versions/{version}:predict",
-        tags=["TF Serving REST"],
-        response_model=TFServingResponse,
-        responses=ERRORS,
-        openapi_extra=_body("TFServingRequest", "TF Serving's row format", ("application/json",)),
-    )
+    @app.post("/v1/models/{model}/versions/{version}:predict", **tf_serving)
     async def tf_serving_version_predict(model: str, version: str, request: Request) -> Response:
         service.check_name(model, version)
         return await tf_serving_predict(model, request)
@@ -784,9 +774,9 @@ def run(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": 30,
     }
     if settings.workers == 1:
-        bound.listen(BACKLOG)
-        app = create_app(classifier, settings)
-        uvicorn.Server(uvicorn.Config(app, **server)).run(sockets=[bound])
+        config = uvicorn.Config(create_app(classifier, settings), **server)
+        bound.listen(config.backlog)
+        uvicorn.Server(config).run(sockets=[bound])
         return 0
     del classifier  # the workers load their own
     with tempfile.TemporaryDirectory(prefix="imageclf-serve-") as shared:
@@ -805,7 +795,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 WORKER_APP = "imageclf.serve:worker_app"
-BACKLOG = 2048  # uvicorn's default: connections the kernel holds until they are accepted
 
 
 def _serve_workers(server: dict[str, Any], workers: int, port_holder: socket.socket) -> None:
@@ -851,8 +840,9 @@ def _worker_process(server: dict[str, Any]) -> None:
     # along, each answering its requests in flight, instead of leaving them on the port
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     listener = _bound_socket(server["host"], server["port"], reuse_port=True)
-    listener.listen(BACKLOG)
-    uvicorn.Server(uvicorn.Config(WORKER_APP, factory=True, **server)).run(sockets=[listener])
+    config = uvicorn.Config(WORKER_APP, factory=True, **server)
+    listener.listen(config.backlog)
+    uvicorn.Server(config).run(sockets=[listener])
 
 
 def _bound_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
