@@ -1,6 +1,7 @@
 """Requests per second and latency of `imageclf serve` under 1, 4, 16 and 64 concurrent clients,
-side by side, in one run, with the model's offline batched throughput (the ceiling) and a naive
-Flask app that calls `model.predict` once per request (the original project's suggestion).
+side by side, in one run, with the model's offline batched throughput on decoded images (the
+ceiling), `imageclf predict` on files of the same images (offline, decoding included), and a
+naive Flask app that calls `model.predict` once per request (the original project's suggestion).
 
 Each client sends one image per request to POST /predict, one request after another on a
 keep-alive connection: a 32 x 32 PNG, then a 640 x 480 JPEG. The service runs with the Keras
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import io
 import os
 import signal
@@ -53,6 +55,7 @@ CONCURRENCY = (1, 4, 16, 64)
 SECONDS = 4.0  # measured per cell, after a warm-up
 MAX_REQUESTS = 20_000  # per cell, whatever the speed
 BOUNDARY = "imageclf-benchmark"
+INSTALL = "pip install -r benchmarks/requirements.txt"
 
 FLASK_APP = """
 # The naive baseline: a minimal Flask app, one model.predict call per request.
@@ -118,6 +121,30 @@ def ceiling(model: Path, files: dict[str, bytes]) -> dict[str, float]:
             classifier.predict(batch)
             times.append(time.perf_counter() - start)
         rates[name] = 64 / statistics.median(times)
+    return rates
+
+
+def offline_predict(model: Path, files: dict[str, bytes], folder: Path) -> dict[str, float]:
+    """`imageclf predict`'s throughput (images/s) on a folder of 256 copies of each test image:
+    the offline route from encoded files to classes, decoding included (median of 3)."""
+    from imageclf.predict import load_classifier, predict_files
+
+    classifier = load_classifier(model)
+    rates = {}
+    for name, data in files.items():
+        paths = []
+        for index in range(256):
+            paths.append(folder / f"{name.replace(' ', '_')}-{index}")
+            paths[-1].write_bytes(data)
+        list(predict_files(classifier, paths[:64]))  # warm-up
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            list(predict_files(classifier, paths))
+            times.append(time.perf_counter() - start)
+        rates[name] = len(paths) / statistics.median(times)
+        for path in paths:
+            path.unlink()
     return rates
 
 
@@ -298,7 +325,16 @@ class Process:
 def imageclf_serve(model: Path, log: Path, *options: str) -> Process:
     imageclf = Path(sys.executable).parent / "imageclf"  # the console command of this venv
     command = [str(imageclf), "serve", "--model", str(model), *options]
-    return Process([*command, "--port"], log)
+    server = Process([*command, "--port"], log)
+    # the port takes connections before every worker has loaded its model: wait for all
+    workers = int(options[options.index("--workers") + 1]) if "--workers" in options else 1
+    deadline = time.monotonic() + 180
+    while log.read_text().count("Application startup complete") < workers:
+        if time.monotonic() > deadline or server.process.poll() is not None:
+            server.stop()
+            raise SystemExit(f"imageclf serve did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.25)
+    return server
 
 
 # --- The run --------------------------------------------------------------------------------
@@ -310,6 +346,9 @@ def main() -> None:
     parser.add_argument("--tflite", type=Path, default=PROJECT / "export" / "model.tflite")
     parser.add_argument("--goal-repeats", type=int, default=0, metavar="N")
     args = parser.parse_args()
+    if not args.goal_repeats and importlib.util.find_spec("flask") is None:
+        # found out before the 20 minutes of measuring that come before the baseline's turn
+        raise SystemExit("Flask, for the naive baseline, is missing: " + INSTALL)
     with tempfile.TemporaryDirectory(prefix="imageclf-bench-") as tmp:
         model, tflite = models_to_serve(args.model, args.tflite, Path(tmp))
         if args.goal_repeats:
@@ -378,6 +417,7 @@ def run(model: Path, tflite: Path, tmp: Path) -> None:
     requests = {name: upload_request("/predict", "image", data) for name, data in files.items()}
 
     ceilings: dict[str, dict[str, float]] = {}
+    offline: dict[str, dict[str, float]] = {}
     rows: dict[tuple[str, str], dict[int, Cell]] = {}
     cores = len(os.sched_getaffinity(0))
     setups = []
@@ -390,9 +430,12 @@ def run(model: Path, tflite: Path, tmp: Path) -> None:
         kind = label.split(",")[0]
         if kind not in ceilings:  # measured just before the servers of its format
             ceilings[kind] = ceiling(path, files)
+            offline[kind] = offline_predict(path, files, tmp)
             print(
                 f"{kind} ceiling: "
                 + ", ".join(f"{k} {v:.0f} img/s" for k, v in ceilings[kind].items())
+                + "; imageclf predict on files (decoding included): "
+                + ", ".join(f"{k} {v:.0f} img/s" for k, v in offline[kind].items())
             )
         server = imageclf_serve(path, tmp / "serve.log", *options)
         try:
@@ -420,7 +463,7 @@ def run(model: Path, tflite: Path, tmp: Path) -> None:
         rss_10000 = server.rss_mib()
     finally:
         server.stop()
-    summary(rows, ceilings, files, rss_100, rss_10000)
+    summary(rows, ceilings, offline, files, rss_100, rss_10000)
 
 
 def report_row(label: str, image: str, cells: dict[int, Cell]) -> None:
@@ -431,7 +474,9 @@ def report_row(label: str, image: str, cells: dict[int, Cell]) -> None:
     print(f"{label:30} {image:13} {figures}", flush=True)
 
 
-def summary(rows: dict, ceilings: dict, files: dict, rss_100: float, rss_10000: float) -> None:
+def summary(
+    rows: dict, ceilings: dict, offline: dict, files: dict, rss_100: float, rss_10000: float
+) -> None:
     print("\n| server | image | " + " | ".join(f"{c} clients" for c in CONCURRENCY) + " |")
     print("|---|---|" + "---|" * len(CONCURRENCY))
     for (label, image), cells in rows.items():
@@ -452,8 +497,8 @@ def summary(rows: dict, ceilings: dict, files: dict, rss_100: float, rss_10000: 
             baseline = rows[naive, image][16].requests_per_second
             print(
                 f"{label[0]:26} {image:13} ceiling {top:5.0f} img/s; at 16 clients the "
-                f"service reaches {served / top:4.0%} of it and {served / baseline:5.1f}x the "
-                "naive Flask app"
+                f"service reaches {served / top:4.0%} of it, {served / offline[model][image]:4.0%} "
+                f"of imageclf predict on files and {served / baseline:5.1f}x the naive Flask app"
             )
     p50 = rows["Keras, batching", "32x32 PNG"][1].p50_ms
     print(f"single-client p50, 32x32 PNG, Keras: {p50:.1f} ms")

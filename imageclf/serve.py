@@ -19,8 +19,10 @@ reading a request is the request's fault (`_reading`); only a fault of the serve
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
+import functools
 import hashlib
 import html
 import importlib.metadata
@@ -744,11 +746,11 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         workers=args.workers,
     )
-    # one listening socket per worker process where the kernel balances connections over
-    # them (Linux), else uvicorn's workers on one shared socket
-    own_sockets = hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
+    # on Linux, one listening socket in a supervisor that hands each connection to the next
+    # worker in turn; elsewhere uvicorn's workers on one shared socket
+    hand_off = sys.platform.startswith("linux")
     # bound before the model loads: a port in use is one clear error, at once
-    bound = _bound_socket(args.host, args.port, reuse_port=settings.workers > 1 and own_sockets)
+    bound = _bound_socket(args.host, args.port)
     # loaded here also with several workers: a model that does not load is one clear error
     classifier = _load_warm(args.model)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
@@ -786,7 +788,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ[WORKER_CONFIG] = json.dumps(
             {"model": str(args.model), "settings": asdict(settings), "slots": shared}
         )
-        if own_sockets:
+        if hand_off:
             _serve_workers(server, settings.workers, bound)
         else:
             bound.close()
@@ -797,62 +799,126 @@ def run(args: argparse.Namespace) -> int:
 WORKER_APP = "imageclf.serve:worker_app"
 
 
-def _serve_workers(server: dict[str, Any], workers: int, port_holder: socket.socket) -> None:
-    """Run `workers` uvicorn server processes, each accepting on a listening socket of its own
-    on the one port (SO_REUSEPORT), so that Linux spreads new connections evenly over them.
-    uvicorn's own workers share one socket, and the first to wake accepts every connection
-    waiting: 16 keep-alive clients that connect at once often all landed on one worker
-    (benchmarks/serve.py, TFLite, 32 x 32 PNG: 668 against 1,134 requests/s from one run to
-    the next; 1,141-1,153 in three runs with a socket each). A worker that dies is replaced;
-    SIGTERM or SIGINT stops them all, each first answering its requests in flight.
-    `port_holder`, bound to the port but not listening, keeps it for the service while a
-    worker restarts."""
+def _serve_workers(server: dict[str, Any], workers: int, listener: socket.socket) -> None:
+    """Run `workers` uvicorn server processes and hand each new connection to the next in
+    turn (round robin), as Node's cluster module does: this process accepts on `listener`
+    and passes the connection's descriptor on (SCM_RIGHTS). Sharing one listening socket,
+    the first worker to wake accepts every connection waiting: 16 keep-alive clients that
+    connect at once often all landed on one worker. With a socket per worker (SO_REUSEPORT)
+    the kernel picks a worker by a hash of the addresses: 2 keep-alive clients shared one
+    worker in 2 of 6 runs, at 148 and 164 against 219-249 requests/s (TFLite, 2 cores).
+    A worker that dies is replaced; SIGTERM or SIGINT stops them all, each first answering
+    its requests in flight."""
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no TensorFlow state
 
-    def start() -> multiprocessing.process.BaseProcess:
-        process = spawn.Process(target=_worker_process, args=(server,), daemon=False)
+    def start() -> tuple[multiprocessing.process.BaseProcess, socket.socket]:
+        # one message per connection, and an end of file when the other end closes
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        process = spawn.Process(target=_worker_process, args=(server, theirs), daemon=False)
         process.start()
-        return process
+        theirs.close()
+        return process, ours
 
-    processes = [start() for _ in range(workers)]
-    while not stopping.wait(0.5):
-        for index, process in enumerate(processes):
+    started = [start() for _ in range(workers)]
+    listener.listen(uvicorn.Config(WORKER_APP).backlog)
+    listener.settimeout(0.5)  # wakes to look after the workers and for `stopping`
+    turn = 0
+    while not stopping.is_set():
+        for index, (process, hand) in enumerate(started):
             if not process.is_alive():
                 log.warning(
                     "worker process %d ended (exit code %s); starting another",
                     process.pid,
                     process.exitcode,
                 )
-                processes[index] = start()
-    for process in processes:
+                hand.close()  # the connections it had not taken yet close with it
+                started[index] = start()
+        try:
+            connection, _ = listener.accept()
+        except (TimeoutError, InterruptedError):
+            continue
+        with connection:
+            turn = _hand_over(connection, [hand for _, hand in started], turn)
+    listener.close()  # no new connections while the workers finish the ones they have
+    for process, _ in started:
         process.terminate()  # SIGTERM: uvicorn answers the requests in flight, then exits
-    for process in processes:
+    for process, hand in started:
         process.join()
-    port_holder.close()
+        hand.close()
 
 
-def _worker_process(server: dict[str, Any]) -> None:
-    """One server process of `_serve_workers`: uvicorn on a listening socket of its own."""
+def _hand_over(connection: socket.socket, hands: list[socket.socket], turn: int) -> int:
+    """Pass `connection` to the worker at `hands[turn]`, or to the next that takes it (one
+    that is restarting or stuck does not); the turn after it. Never waits on a worker."""
+    for offset in range(len(hands)):
+        index = (turn + offset) % len(hands)
+        try:
+            socket.send_fds(hands[index], [b"c"], [connection.fileno()], socket.MSG_DONTWAIT)
+        except OSError:  # ended (EPIPE: Python ignores SIGPIPE), or its queue is full (EAGAIN)
+            continue
+        return (index + 1) % len(hands)
+    log.warning("no worker process could take a new connection; closed it")
+    return turn
+
+
+class _HandedServer(uvicorn.Server):
+    """A uvicorn server with no listening socket of its own: it serves the connections that
+    `_serve_workers` hands it over `hand`, on the same HTTP protocol as uvicorn's own."""
+
+    def __init__(self, config: uvicorn.Config, hand: socket.socket) -> None:
+        super().__init__(config)
+        self.hand = hand
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=[])
+        loop = asyncio.get_running_loop()
+        protocol = functools.partial(
+            self.config.http_protocol_class,
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.lifespan.state,
+        )
+
+        def take() -> None:
+            try:
+                _, descriptors, _, _ = socket.recv_fds(self.hand, 1, 1)
+            except BlockingIOError:
+                return
+            except OSError:
+                descriptors = []
+            if not descriptors:  # the supervisor ended: serve what is open, then stop
+                loop.remove_reader(self.hand.fileno())
+                self.should_exit = True
+                return
+            connection = socket.socket(fileno=descriptors[0])
+            connection.setblocking(False)
+            loop.create_task(loop.connect_accepted_socket(protocol, connection))
+
+        self.hand.setblocking(False)
+        loop.add_reader(self.hand.fileno(), take)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        asyncio.get_running_loop().remove_reader(self.hand.fileno())
+        self.hand.close()  # connections not yet taken close with it
+        await super().shutdown(sockets)
+
+
+def _worker_process(server: dict[str, Any], hand: socket.socket) -> None:
+    """One server process of `_serve_workers`: uvicorn on the connections handed to it."""
     # a supervisor killed outright (SIGKILL, or SIGHUP with its terminal) takes its workers
-    # along, each answering its requests in flight, instead of leaving them on the port
+    # along, each answering its requests in flight
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    listener = _bound_socket(server["host"], server["port"], reuse_port=True)
-    config = uvicorn.Config(WORKER_APP, factory=True, **server)
-    listener.listen(config.backlog)
-    uvicorn.Server(config).run(sockets=[listener])
+    _HandedServer(uvicorn.Config(WORKER_APP, factory=True, **server), hand).run()
 
 
-def _bound_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A TCP socket bound to host:port; with `reuse_port`, one that other processes of this
-    user may bind too (SO_REUSEPORT)."""
+def _bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, not listening yet."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: past TIME_WAIT
-    if reuse_port:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         listener.bind((host, port))
     except OSError as exc:
