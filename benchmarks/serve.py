@@ -125,7 +125,7 @@ def ceiling(model: Path, files: dict[str, bytes]) -> dict[str, float]:
 
 
 def offline_predict(model: Path, files: dict[str, bytes], folder: Path) -> dict[str, float]:
-    """`imageclf predict`'s throughput (images/s) on a folder of 256 copies of each test image:
+    """`imageclf predict`'s throughput (images/s) on a folder of 1,024 copies of each test image:
     the offline route from encoded files to classes, decoding included (median of 3)."""
     from imageclf.predict import load_classifier, predict_files
 
@@ -133,7 +133,7 @@ def offline_predict(model: Path, files: dict[str, bytes], folder: Path) -> dict[
     rates = {}
     for name, data in files.items():
         paths = []
-        for index in range(256):
+        for index in range(1024):
             paths.append(folder / f"{name.replace(' ', '_')}-{index}")
             paths[-1].write_bytes(data)
         list(predict_files(classifier, paths[:64]))  # warm-up
