@@ -41,8 +41,10 @@ Fraction = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
 
 class Section(BaseModel):
     # No defaults anywhere: params.yaml is the one place values live.
-    # forbid: a misspelled key is an error, not a silently ignored value
-    model_config = ConfigDict(extra="forbid")
+    # forbid: a misspelled key is an error, not a silently ignored value. strict: a value of
+    # another type is an error, not converted (`seed: true` meant seed 1, `epochs: "3"` 3);
+    # an integer where a float goes still means that number
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class DataParams(Section):

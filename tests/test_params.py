@@ -62,6 +62,29 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert message.startswith(str(tmp_path / "params.yaml"))
 
 
+def test_values_of_another_type_are_refused_not_converted(tmp_path: Path) -> None:
+    """A bool where a number goes, or a quoted number, is a slip to report: converted, `seed:
+    true` silently meant seed 1."""
+    params = committed()
+    params["seed"] = True
+    params["train"]["epochs"] = "3"
+    params["train"]["lookahead"] = 1
+    params["data"]["image_size"] = 32.0
+    with pytest.raises(PipelineError) as error:
+        load_params(write(tmp_path, params))
+    message = str(error.value)
+    for expected in (
+        "seed = True: Input should be a valid integer",
+        "train.epochs = '3': Input should be a valid integer",
+        "train.lookahead = 1: Input should be a valid boolean",
+        "data.image_size = 32.0: Input should be a valid integer",
+    ):
+        assert expected in message
+    params = committed()
+    params["train"]["lr"] = 1  # an integer where a float goes means the same number
+    assert load_params(write(tmp_path, params)).train.lr == 1.0
+
+
 def test_scientific_notation_means_the_same_number(tmp_path: Path) -> None:
     text = (PROJECT / "params.yaml").read_text()
     path = tmp_path / "params.yaml"
