@@ -30,6 +30,7 @@ import json
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import string
@@ -797,6 +798,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 WORKER_APP = "imageclf.serve:worker_app"
+HAND_QUEUE_BYTES = 4096  # a worker's queue of handed connections: 11 on Linux 6 (x2 by it)
 
 
 def _serve_workers(server: dict[str, Any], workers: int, listener: socket.socket) -> None:
@@ -807,8 +809,10 @@ def _serve_workers(server: dict[str, Any], workers: int, listener: socket.socket
     connect at once often all landed on one worker. With a socket per worker (SO_REUSEPORT)
     the kernel picks a worker by a hash of the addresses: 2 keep-alive clients shared one
     worker in 2 of 6 runs, at 148 and 164 against 219-249 requests/s (TFLite, 2 cores).
-    A worker that dies is replaced; SIGTERM or SIGINT stops them all, each first answering
-    its requests in flight."""
+    A worker that is not taking connections (loading its model, stuck) is skipped once its
+    small queue is full; when every queue is full, new connections wait in the listen
+    backlog. A worker that dies is replaced; SIGTERM or SIGINT stops them all, each first
+    answering its requests in flight."""
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
@@ -820,12 +824,19 @@ def _serve_workers(server: dict[str, Any], workers: int, listener: socket.socket
         process = spawn.Process(target=_worker_process, args=(server, theirs), daemon=False)
         process.start()
         theirs.close()
+        # a worker that is not taking connections (loading its model, stuck) gets no more
+        # than its queue holds, about 10 connections (the buffer's kernel overhead per
+        # message), and does not hold up the others: they wait in the listen backlog or go
+        # to a worker that takes them
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HAND_QUEUE_BYTES)
+        ours.setblocking(False)
         return process, ours
 
     started = [start() for _ in range(workers)]
     listener.listen(uvicorn.Config(WORKER_APP).backlog)
     listener.settimeout(0.5)  # wakes to look after the workers and for `stopping`
     turn = 0
+    waiting: socket.socket | None = None  # accepted; every worker's queue was full
     while not stopping.is_set():
         for index, (process, hand) in enumerate(started):
             if not process.is_alive():
@@ -836,13 +847,21 @@ def _serve_workers(server: dict[str, Any], workers: int, listener: socket.socket
                 )
                 hand.close()  # the connections it had not taken yet close with it
                 started[index] = start()
-        try:
-            connection, _ = listener.accept()
-        except (TimeoutError, InterruptedError):
+        hands = [hand for _, hand in started]
+        if waiting is None:
+            try:
+                waiting, _ = listener.accept()
+            except (TimeoutError, InterruptedError):
+                continue
+        taken = _hand_over(waiting, hands, turn)
+        if taken is None:  # until a worker takes one; new clients wait in the listen backlog
+            select.select([], hands, [], 0.5)
             continue
-        with connection:
-            turn = _hand_over(connection, [hand for _, hand in started], turn)
+        waiting.close()  # the worker holds its own copy now
+        waiting, turn = None, taken
     listener.close()  # no new connections while the workers finish the ones they have
+    if waiting is not None:
+        waiting.close()
     for process, _ in started:
         process.terminate()  # SIGTERM: uvicorn answers the requests in flight, then exits
     for process, hand in started:
@@ -850,18 +869,17 @@ def _serve_workers(server: dict[str, Any], workers: int, listener: socket.socket
         hand.close()
 
 
-def _hand_over(connection: socket.socket, hands: list[socket.socket], turn: int) -> int:
-    """Pass `connection` to the worker at `hands[turn]`, or to the next that takes it (one
-    that is restarting or stuck does not); the turn after it. Never waits on a worker."""
+def _hand_over(connection: socket.socket, hands: list[socket.socket], turn: int) -> int | None:
+    """Pass `connection` to the worker at `hands[turn]`, or to the next that takes it; the
+    turn after it, or None when no worker can take it now. Never waits on a worker."""
     for offset in range(len(hands)):
         index = (turn + offset) % len(hands)
         try:
-            socket.send_fds(hands[index], [b"c"], [connection.fileno()], socket.MSG_DONTWAIT)
-        except OSError:  # ended (EPIPE: Python ignores SIGPIPE), or its queue is full (EAGAIN)
+            socket.send_fds(hands[index], [b"c"], [connection.fileno()])
+        except OSError:  # its queue is full (EAGAIN), or it ended (EPIPE; SIGPIPE is ignored)
             continue
         return (index + 1) % len(hands)
-    log.warning("no worker process could take a new connection; closed it")
-    return turn
+    return None
 
 
 class _HandedServer(uvicorn.Server):

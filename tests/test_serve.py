@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -675,6 +676,18 @@ def test_two_worker_processes_answer_alike_count_together_and_stop_on_sigterm(
         finally:
             for client in clients:
                 client.close()
+        # a worker that stops taking connections gets no more than its queue holds (about
+        # 10), and the other serves the rest; once it goes on, it answers those too
+        os.kill(servers[0], signal.SIGSTOP)
+        try:
+            probes = [_probe(workers.port) for _ in range(40)]
+            answered = _answered(probes, seconds=20, least=28)
+            assert len(answered) >= 28, len(answered)
+        finally:
+            os.kill(servers[0], signal.SIGCONT)
+        assert len(_answered(probes, seconds=30, least=40, before=frozenset(answered))) == 40
+        for probe in probes:
+            probe.close()
         workers.process.send_signal(signal.SIGTERM)
         assert workers.process.wait(timeout=60) in (0, -signal.SIGTERM)
         assert log.read_text().count("Finished server process") == 2
@@ -777,6 +790,29 @@ def test_a_worker_restarted_after_a_crash_drops_the_dead_ones_requests_from_the_
             again.bind(("127.0.0.1", workers.port))
     finally:
         workers.stop()
+
+
+def _probe(port: int) -> socket.socket:
+    """A connection that has sent one cheap request."""
+    probe = socket.create_connection(("127.0.0.1", port), timeout=30)
+    probe.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    return probe
+
+
+def _answered(
+    probes: list[socket.socket], seconds: float, least: int, before: frozenset = frozenset()
+) -> set[socket.socket]:
+    """The probes answered (200): `before`, and those whose answer arrives within `seconds`,
+    waiting no longer once `least` have been."""
+    deadline = time.monotonic() + seconds
+    answered = set(before)
+    while len(answered) < least and time.monotonic() < deadline:
+        pending = [probe for probe in probes if probe not in answered]
+        ready, _, _ = select.select(pending, [], [], max(0.0, deadline - time.monotonic()))
+        for probe in ready:
+            assert probe.recv(4096).startswith(b"HTTP/1.1 200")
+            answered.add(probe)
+    return answered
 
 
 def _wait_for_startups(log: Path, count: int, seconds: float) -> None:
