@@ -42,6 +42,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -50,6 +51,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
 from benchmarks.throughput import numpy_gemm_gflops  # noqa: E402
+
+if TYPE_CHECKING:
+    from imageclf.predict import Classifier
 
 CONCURRENCY = (1, 4, 16, 64)
 SECONDS = 4.0  # measured per cell, after a warm-up
@@ -103,13 +107,11 @@ def test_images() -> dict[str, bytes]:
     return files
 
 
-def ceiling(model: Path, files: dict[str, bytes]) -> dict[str, float]:
+def ceiling(classifier: Classifier, files: dict[str, bytes]) -> dict[str, float]:
     """The model's offline batched throughput (images/s, batches of 64 decoded images), per
     test image: what a server could reach if HTTP, decoding and queueing cost nothing."""
     from imageclf.images import decode_image
-    from imageclf.predict import load_classifier
 
-    classifier = load_classifier(model)
     rates = {}
     for name, data in files.items():
         # decoded as the service decodes (a JPEG at a reduced scale, down to the model's size)
@@ -124,12 +126,13 @@ def ceiling(model: Path, files: dict[str, bytes]) -> dict[str, float]:
     return rates
 
 
-def offline_predict(model: Path, files: dict[str, bytes], folder: Path) -> dict[str, float]:
+def offline_predict(
+    classifier: Classifier, files: dict[str, bytes], folder: Path
+) -> dict[str, float]:
     """`imageclf predict`'s throughput (images/s) on a folder of 1,024 copies of each test image:
     the offline route from encoded files to classes, decoding included (median of 3)."""
-    from imageclf.predict import load_classifier, predict_files
+    from imageclf.predict import predict_files
 
-    classifier = load_classifier(model)
     rates = {}
     for name, data in files.items():
         paths = []
@@ -373,13 +376,15 @@ def models_to_serve(model: Path, tflite: Path, tmp: Path) -> tuple[Path, Path]:
 
 def goal_cell(model: Path, tflite: Path, tmp: Path, repeats: int) -> None:
     """The 16-client 32 x 32 PNG cell, `repeats` times per format and server setup."""
+    from imageclf.predict import load_classifier
+
     gemm, _ = numpy_gemm_gflops()
     print(f"numpy float32 GEMM 4096^2: {gemm:.0f} GFLOP/s")
     png = {"32x32 PNG": test_images()["32x32 PNG"]}
     request = upload_request("/predict", "image", png["32x32 PNG"])
     cores = str(len(os.sched_getaffinity(0)))
     for kind, path in (("Keras", model), ("TFLite", tflite)):
-        top = ceiling(path, png)["32x32 PNG"]
+        top = ceiling(load_classifier(path), png)["32x32 PNG"]
         shares: dict[str, list[float]] = {"one process": [], f"{cores} workers": []}
         for _ in range(repeats):
             for setup, options in zip(shares, ((), ("--workers", cores))):
@@ -429,8 +434,9 @@ def run(model: Path, tflite: Path, tmp: Path) -> None:
     for label, path, options in setups:
         kind = label.split(",")[0]
         if kind not in ceilings:  # measured just before the servers of its format
-            ceilings[kind] = ceiling(path, files)
-            offline[kind] = offline_predict(path, files, tmp)
+            classifier = load_classifier(path)
+            ceilings[kind] = ceiling(classifier, files)
+            offline[kind] = offline_predict(classifier, files, tmp)
             print(
                 f"{kind} ceiling: "
                 + ", ".join(f"{k} {v:.0f} img/s" for k, v in ceilings[kind].items())

@@ -798,7 +798,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 WORKER_APP = "imageclf.serve:worker_app"
-HAND_QUEUE_BYTES = 4096  # a worker's queue of handed connections: 11 on Linux 6 (x2 by it)
+# send buffer of a worker's queue of handed connections (the kernel doubles it): about 11
+# connections on Linux 6, each message's kernel overhead counted
+HAND_QUEUE_BYTES = 4096
 
 
 def _serve_workers(server: dict[str, Any], workers: int, listener: socket.socket) -> None:

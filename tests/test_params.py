@@ -22,6 +22,13 @@ def committed() -> dict:
     return yaml.safe_load((PROJECT / "params.yaml").read_text())
 
 
+def refused(tmp_path: Path, params: dict) -> str:
+    """The error that loading `params` gives."""
+    with pytest.raises(PipelineError) as error:
+        load_params(write(tmp_path, params))
+    return str(error.value)
+
+
 def test_committed_params_are_valid() -> None:
     params = load_params(PROJECT / "params.yaml")
     assert params.data.source.startswith("https://www.cs.toronto.edu/")
@@ -41,9 +48,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     params["train"]["distribute"] = "workers"
     params["train"]["muon_momentum"] = 1
     del params["evaluate"]
-    with pytest.raises(PipelineError) as error:
-        load_params(write(tmp_path, params))
-    message = str(error.value)
+    message = refused(tmp_path, params)
     for expected in (
         "train.epochs = 0",
         "train.lr = -1",
@@ -70,9 +75,7 @@ def test_values_of_another_type_are_refused_not_converted(tmp_path: Path) -> Non
     params["train"]["epochs"] = "3"
     params["train"]["lookahead"] = 1
     params["data"]["image_size"] = 32.0
-    with pytest.raises(PipelineError) as error:
-        load_params(write(tmp_path, params))
-    message = str(error.value)
+    message = refused(tmp_path, params)
     for expected in (
         "seed = True: Input should be a valid integer",
         "train.epochs = '3': Input should be a valid integer",
