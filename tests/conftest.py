@@ -1,9 +1,11 @@
 """Shared fixtures: a real HTTP server on 127.0.0.1, and one tiny finished pipeline repository
-with its trained model, built once per test session (per pytest-xdist worker)."""
+with its trained model, built once per test session for all pytest-xdist workers."""
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -38,15 +40,27 @@ def http_server() -> Iterator[Callable[..., str]]:
 
 
 @pytest.fixture(scope="session")
-def finished_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny repository, built once per test session (per worker): every stage run by
-    `dvc repro` and committed. Read it freely; to change anything, take a `repo` copy instead."""
+def finished_repo(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """One tiny repository, built once per test session and shared by the pytest-xdist
+    workers: every stage run by `dvc repro` and committed. Read it, without running DVC in it
+    (another worker may be copying it); to change anything or run DVC, take a `repo` copy."""
     from tests.repos import commit_all, local_repo, run
 
-    repo = local_repo(tmp_path_factory.mktemp("finished"))
-    run(repo, "dvc", "repro")
-    commit_all(repo, "first run")
-    return repo
+    # xdist's workers have their own temporary folders under one shared by the whole run
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent
+    root = shared / "finished"
+    with open(shared / "finished.lock", "w") as lock:
+        # the first worker to get here builds it; the others wait for it here
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "built").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build that failed
+            root.mkdir()
+            repo = local_repo(root)
+            run(repo, "dvc", "repro")
+            commit_all(repo, "first run")
+            (root / "built").touch()
+    return root / "repo"
 
 
 @pytest.fixture

@@ -40,10 +40,10 @@ def samples(finished_repo: Path) -> list[np.ndarray]:
     return [images, *others]
 
 
-def test_metrics_per_format_in_dvc_metrics_show(finished_repo: Path) -> None:
-    shown = json.loads(run(finished_repo, "dvc", "metrics", "show", "--json").stdout)
+def test_metrics_per_format_in_dvc_metrics_show(repo: Path) -> None:
+    shown = json.loads(run(repo, "dvc", "metrics", "show", "--json").stdout)
     figures = shown[""]["data"]["metrics/export.json"]["data"]
-    assert figures == json.loads((finished_repo / "metrics" / "export.json").read_text())
+    assert figures == json.loads((repo / "metrics" / "export.json").read_text())
     assert set(figures) == set(FORMATS)
     for name in FORMATS:
         assert set(figures[name]) == FIGURES
@@ -55,10 +55,10 @@ def test_metrics_per_format_in_dvc_metrics_show(finished_repo: Path) -> None:
     assert figures["saved_model"]["agreement"] >= 0.995
     assert figures["tflite"]["agreement"] >= 0.995
     # the exported files are DVC outputs (cached), not git's
-    lock = (finished_repo / "dvc.lock").read_text()
+    lock = (repo / "dvc.lock").read_text()
     for out in ("saved_model", "model.tflite", "model_int8.tflite"):
         assert f"path: export/{out}\n" in lock
-    ignored = (finished_repo / "export" / ".gitignore").read_text().split()
+    ignored = (repo / "export" / ".gitignore").read_text().split()
     assert sorted(ignored) == ["/model.tflite", "/model_int8.tflite", "/saved_model"]
 
 

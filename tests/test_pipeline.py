@@ -1,5 +1,6 @@
-"""The real pipeline: `dvc repro` in a temporary git repository, on tiny synthetic datasets
-served over HTTP from 127.0.0.1, in both supported layouts."""
+"""The real pipeline: `dvc repro` in a temporary git repository on a tiny synthetic dataset,
+then what a user's next commands rerun (the dataset moved to an HTTP server, a param changed,
+an experiment)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,13 @@ from pathlib import Path
 import yaml
 
 from tests import synthetic
-from tests.repos import STAGES, commit_all, make_repo, ran_stages, run, sha256
+from tests.repos import commit_all, ran_stages, run, set_params, sha256
 
 
-def test_image_folder_dataset_over_http(tmp_path: Path, http_server) -> None:
-    served = tmp_path / "served"
-    served.mkdir()
-    dataset = synthetic.image_folders(tmp_path / "shapes", per_class=30, test_per_class=8)
-    archive = synthetic.tar_gz(dataset, served / "shapes.tar.gz")
-    repo = make_repo(tmp_path, f"{http_server(served)}/shapes.tar.gz", sha256(archive))
-
-    first = run(repo, "dvc", "repro")
-    assert ran_stages(first.stdout) == list(STAGES)
+def test_first_run_gives_every_output_and_reruns_run_only_what_changed(
+    repo: Path, tmp_path: Path, http_server
+) -> None:
+    # `repo` is a copy of `finished_repo`, where one `dvc repro` ran every stage
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     for key in ("accuracy", "precision", "recall", "f1"):
         assert 0 <= metrics[key] <= 1
@@ -37,10 +33,23 @@ def test_image_folder_dataset_over_http(tmp_path: Path, http_server) -> None:
     assert confusion[0] == "actual,predicted" and len(confusion) == 1 + 24
     shown = run(repo, "dvc", "metrics", "show").stdout
     assert "metrics/eval.json" in shown and "accuracy" in shown
-    commit_all(repo, "first run")
 
     # nothing changed: nothing runs
     assert ran_stages(run(repo, "dvc", "repro").stdout) == []
+
+    # the same dataset, now an image-folder archive on an HTTP server: download runs again, and
+    # preprocess (the archive unpacks under its top folder, `shapes/`); their splits are the
+    # same as before, so nothing after them runs
+    served = tmp_path / "served"
+    served.mkdir()
+    archive = synthetic.tar_gz(repo.parent / "shapes", served / "shapes.tar.gz")
+    set_params(
+        repo,
+        **{"data.source": f"{http_server(served)}/shapes.tar.gz", "data.checksum": sha256(archive)},
+    )
+    assert ran_stages(run(repo, "dvc", "repro").stdout) == ["download", "preprocess"]
+    assert (repo / "data" / "raw" / "shapes" / "train" / "red").is_dir()
+    commit_all(repo, "the dataset from a server")
 
     # a param only evaluate reads: only evaluate runs
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -54,9 +54,10 @@ def epoch_labels(rendered: dict, plot: str) -> list[str]:
 
 @pytest.mark.skipif(browser.missing_tools() is not None, reason=str(browser.missing_tools()))
 def test_plots_page_draws_runs_apart_in_chromium(repo: Path) -> None:
-    # a second revision of the curves: one more train epoch (train, finetune, evaluate rerun)
+    # a second revision of the curves: one more train epoch (train and finetune rerun; the
+    # stages after them draw no curves)
     set_params(repo, **{"train.epochs": 3})
-    run(repo, "dvc", "repro")
+    run(repo, "dvc", "repro", "finetune")
     commit_all(repo, "one more train epoch")
 
     shown = render_page(repo, "show")
