@@ -95,8 +95,8 @@ def add_predict(subcommands: argparse._SubParsersAction) -> None:
         "--max-pixels",
         type=positive_number(int),
         default=DEFAULT_MAX_PIXELS,
-        help="refuse images with more pixels than this, a guard against decompression bombs "
-        "(default: %(default)s)",
+        help="refuse images that would decode to more pixels than this (a large JPEG decodes "
+        "at a reduced scale), a guard against decompression bombs (default: %(default)s)",
     )
     parser.add_argument(
         "--on-bad-image",

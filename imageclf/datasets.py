@@ -9,6 +9,7 @@ std (computed on the training split only), counts per class and skipped files.
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 from dataclasses import dataclass, field
@@ -19,7 +20,13 @@ from sklearn.model_selection import train_test_split
 
 from imageclf.errors import PipelineError
 from imageclf.fileio import atomic_path, write_json
-from imageclf.images import IMAGE_SUFFIXES, BadImage, decode_image, resize_images
+from imageclf.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    BadImage,
+    decode_image,
+    resize_images,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -47,16 +54,27 @@ class RawDataset:
 OS_METADATA = frozenset({"__macosx", "thumbs.db", "ehthumbs.db", "desktop.ini"})
 # names of the split folders a dataset may ship, matched in any case (Kaggle's Train/, Test/)
 SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+# data/raw is the download stage's copy of data.source: what to do about a problem found there
+FIX_THE_SOURCE = (
+    "make the change in your data.source folder or archive, then run `dvc repro -f -s "
+    "download` and `dvc repro` (DVC does not notice changes inside data.source)"
+)
 
 
-def read_dataset(raw_dir: Path, image_size: int, on_bad_image: str = "fail") -> RawDataset:
-    """Read the dataset under `raw_dir`, whichever supported layout it has."""
+def read_dataset(
+    raw_dir: Path,
+    image_size: int,
+    on_bad_image: str = "fail",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> RawDataset:
+    """Read the dataset under `raw_dir`, whichever supported layout it has. An image that
+    would decode to more than `max_pixels` pixels counts as unreadable."""
     if not raw_dir.is_dir():
         raise PipelineError(f"{raw_dir}: no downloaded dataset here; run `dvc repro download`")
     root = _unwrap(raw_dir)
     if _is_cifar(root):
         return _read_cifar_batches(root, image_size)
-    return _read_image_folders(root, image_size, on_bad_image)
+    return _read_image_folders(root, image_size, on_bad_image, max_pixels)
 
 
 def _is_cifar(folder: Path) -> bool:
@@ -73,6 +91,17 @@ def _entries(folder: Path) -> list[Path]:
 
 def _split_name(name: str) -> str | None:
     return next((split for split, names in SPLIT_FOLDERS.items() if name.lower() in names), None)
+
+
+def _split_of(folder: Path) -> str | None:
+    """The split `folder` is, if it is one: named like a split, holding class folders and no
+    images of its own. A folder of images called "train" is a class (trains, among vehicles)."""
+    split = _split_name(folder.name)
+    if split is None:
+        return None
+    entries = _entries(folder)
+    holds_images = any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in entries)
+    return split if any(p.is_dir() for p in entries) and not holds_images else None
 
 
 def _unwrap(folder: Path) -> Path:
@@ -127,12 +156,15 @@ def _unpickle(path: Path) -> dict:
         raise PipelineError(f"{path}: not a readable CIFAR batch file ({exc})") from None
 
 
-def _read_image_folders(root: Path, image_size: int, on_bad_image: str) -> RawDataset:
+def _read_image_folders(
+    root: Path, image_size: int, on_bad_image: str, max_pixels: int
+) -> RawDataset:
     """`root/<class>/*` or `root/train/<class>/*` (+ optional `root/test/<class>/*` and
     `root/val/<class>/*`; split folders named in any case)."""
+    folders = [p for p in _entries(root) if p.is_dir()]
     splits: dict[str, list[Path]] = {}
-    for path in _entries(root):
-        if path.is_dir() and (split := _split_name(path.name)):
+    for path in folders:
+        if split := _split_of(path):
             splits.setdefault(split, []).append(path)
     if "train" not in splits:
         splits.pop("val", None)  # only next to train/, so that a class may be called "valid"
@@ -140,7 +172,18 @@ def _read_image_folders(root: Path, image_size: int, on_bad_image: str) -> RawDa
         if len(paths) > 1:
             raise PipelineError(
                 f"{root}: {', '.join(p.name for p in paths)} are all the {split} split; "
-                "keep one of them"
+                f"keep one of them: {FIX_THE_SOURCE}"
+            )
+    if "train" in splits:
+        split_folders = [paths[0] for paths in splits.values()]
+        beside = [p.name for p in folders if p not in split_folders]
+        if beside:
+            raise PipelineError(
+                f"{root}: folders {beside} are next to the split folders "
+                f"{[p.name for p in split_folders]}. A dataset is either one folder per class, or "
+                "split folders (train/, and optionally val/ and test/) of one folder per class "
+                f"each: move them into the splits, or rename the split-named folders if they are "
+                f"classes; {FIX_THE_SOURCE}"
             )
     train_root = splits["train"][0] if "train" in splits else root
     test_root = splits["test"][0] if "test" in splits else None
@@ -157,18 +200,28 @@ def _read_image_folders(root: Path, image_size: int, on_bad_image: str) -> RawDa
         )
     if len(class_names) < 2:
         raise PipelineError(f"{train_root}: only one class ({class_names[0]}); need at least two")
+    loose = [p.name for p in _entries(train_root) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        print(
+            f"{train_root}: {len(loose)} image file(s) next to the class folders ({loose[0]}, "
+            "...) are in no class: left out"
+        )
     unreadable: list[tuple[str, str]] = []  # (path, what is wrong), from every split
-    train = _read_split(train_root, class_names, image_size, on_bad_image, unreadable)
+    read = functools.partial(
+        _read_split,
+        class_names=class_names,
+        image_size=image_size,
+        on_bad_image=on_bad_image,
+        max_pixels=max_pixels,
+        unreadable=unreadable,
+    )
+    train = read(train_root)
     test = val = None
     if test_root is not None:
-        test = _read_other_split(
-            test_root, train_root, class_names, image_size, on_bad_image, unreadable
-        )
+        test = _read_other_split(test_root, train_root, class_names, read)
     if val_root is not None:
         print(f"{val_root}: used as the validation split (preprocess.val_fraction is not used)")
-        val = _read_other_split(
-            val_root, train_root, class_names, image_size, on_bad_image, unreadable
-        )
+        val = _read_other_split(val_root, train_root, class_names, read)
     if unreadable and on_bad_image == "fail":
         raise PipelineError(_unreadable_files(unreadable))
     return RawDataset(class_names, train, test, [path for path, _ in unreadable], val)
@@ -180,32 +233,32 @@ def _unreadable_files(unreadable: list[tuple[str, str]], shown: int = 20) -> str
     lines = [problem for _, problem in unreadable[:shown]]
     if len(unreadable) > shown:
         lines.append(f"... and {len(unreadable) - shown} more")
-    # data/raw is the download stage's output: an edit there is undone, and DVC does not
-    # notice edits inside the data.source folder or archive
     return (
         f"{len(unreadable)} file(s) are not readable images:\n  "
         + "\n  ".join(lines)
-        + "\nSet preprocess.on_bad_image: skip to leave such files out, or fix or remove them "
-        "in your data.source folder or archive, then run `dvc repro -f -s download` and "
-        "`dvc repro` (DVC does not notice changes inside data.source)"
+        + "\nSet preprocess.on_bad_image: skip to leave such files out, or fix or remove them: "
+        + FIX_THE_SOURCE
     )
 
 
 def _read_other_split(
-    folder: Path,
-    train_root: Path,
-    class_names: list[str],
-    image_size: int,
-    on_bad_image: str,
-    unreadable: list[tuple[str, str]],
+    folder: Path, train_root: Path, class_names: list[str], read: functools.partial
 ) -> Split:
-    extra = sorted(p.name for p in _entries(folder) if p.is_dir() and p.name not in class_names)
-    if extra:
+    """A split the dataset ships besides train/: the same class folders, read by `read`."""
+    present = {p.name for p in _entries(folder) if p.is_dir()}
+    extra = sorted(present - set(class_names))
+    missing = [name for name in class_names if name not in present]
+    if extra or missing:
+        found = [
+            f"class folders {names} {where}"
+            for names, where in ((extra, f"are not in {train_root}"), (missing, "are missing"))
+            if names
+        ]
         raise PipelineError(
-            f"{folder}: class folders {extra} are not in {train_root}; "
-            "every split must have the same classes"
+            f"{folder}: {'; '.join(found)}. Every split must have the same classes: "
+            + FIX_THE_SOURCE
         )
-    return _read_split(folder, class_names, image_size, on_bad_image, unreadable)
+    return read(folder)
 
 
 def _read_split(
@@ -213,6 +266,7 @@ def _read_split(
     class_names: list[str],
     image_size: int,
     on_bad_image: str,
+    max_pixels: int,
     unreadable: list[tuple[str, str]],
 ) -> Split:
     """The images of `folder/<class>/**`; files that do not decode are added to `unreadable`."""
@@ -228,7 +282,9 @@ def _read_split(
         count = bad = 0
         for path in files:
             try:
-                pixels = decode_image(path, size=image_size)
+                pixels = decode_image(
+                    path, max_pixels, size=image_size, limit_name="preprocess.max_pixels"
+                )
             except BadImage as exc:
                 unreadable.append((str(path), str(exc)))
                 bad += 1
@@ -236,9 +292,17 @@ def _read_split(
             images.append(resize_images(pixels[None], image_size)[0])
             labels.append(label)
             count += 1
+        if not files:
+            raise PipelineError(
+                f"{class_dir}: class folder without image files; add images to it or remove "
+                f"it: {FIX_THE_SOURCE}"
+            )
         # with on_bad_image: fail, a class of unreadable files is reported with the others
-        if count == 0 and (on_bad_image == "skip" or not bad):
-            raise PipelineError(f"{class_dir}: class folder has no readable images")
+        if count == 0 and on_bad_image == "skip":
+            raise PipelineError(
+                f"{class_dir}: none of the class folder's {bad} files is a readable image; "
+                f"fix them: {FIX_THE_SOURCE}"
+            )
     if not images:  # every file unreadable: the caller reports them
         return Split(np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros(0, np.int64))
     return Split(np.stack(images), np.asarray(labels, dtype=np.int64))
@@ -304,10 +368,32 @@ def _stratified_split(
             f"{key}: cannot carve a stratified {name} split from {len(split.labels)} images "
             f"(smallest class: {counts.min()}): {exc}. Add images or change the fraction."
         ) from None
+    keep, carve = _every_class_on_both_sides(split.labels, keep, carve, seed)
     # train_test_split shuffles: stored splits are in a seeded random order, not class by class
     return Split(split.images[keep], split.labels[keep]), Split(
         split.images[carve], split.labels[carve]
     )
+
+
+def _every_class_on_both_sides(
+    labels: np.ndarray, keep: np.ndarray, carve: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`train_test_split` rounds each class's share, so a class of a few images can land on
+    one side only (2 of 18 images, a fifth carved: none of that class in the carved split,
+    and its macro-averaged scores 0). One of its images, drawn with `seed`, moves across.
+    Splits where every class is on both sides come back unchanged."""
+    rng = np.random.default_rng(seed)
+    for label in np.unique(labels):
+        for side in ("carve", "keep"):
+            target, source = (carve, keep) if side == "carve" else (keep, carve)
+            if np.any(labels[target] == label):
+                continue
+            candidates = np.flatnonzero(labels[source] == label)  # at least 2: checked before
+            moved = source[candidates[rng.integers(len(candidates))]]
+            source = source[source != moved]
+            target = np.append(target, moved)
+            keep, carve = (source, target) if side == "carve" else (target, source)
+    return keep, carve
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:

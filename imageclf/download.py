@@ -6,6 +6,7 @@ A failure at any step leaves the previous `data/raw`, if any, exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from imageclf.errors import PipelineError
 
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar", ".zip")
 RETRY_DELAY = 1.0  # seconds before the first retry; doubled for each further one
 CHUNK = 1 << 20
 HOW_TO_USE_A_LOCAL_COPY = (
@@ -52,8 +53,16 @@ def fetch_dataset(
         else:
             local = Path(unquote(url.path) if url.scheme == "file" else source).expanduser()
             if not local.exists():
+                # `dvc exp run --temp` and `--queue` run in a copy of the repository elsewhere
+                relative = (
+                    ""
+                    if local.is_absolute()
+                    else f" (here: {local.absolute()}; a relative path is taken from the "
+                    "folder the stage runs in, which for `dvc exp run --temp` and `--queue` is "
+                    "a copy of the repository elsewhere: use an absolute path)"
+                )
                 raise PipelineError(
-                    f"data.source: {local} does not exist. {HOW_TO_USE_A_LOCAL_COPY}"
+                    f"data.source: {local} does not exist{relative}. {HOW_TO_USE_A_LOCAL_COPY}"
                 )
             if local.is_dir():
                 if expected:
@@ -203,7 +212,7 @@ def _extract(archive: Path, target: Path, source: str) -> None:
                     _check_member(member.filename, target, archive, is_link)
                 zipped.extractall(target, members)
         else:
-            with tarfile.open(archive) as tar:
+            with tarfile.open(archive) as tar:  # any compression tarfile reads
                 for member in tar.getmembers():
                     is_link = member.issym() or member.islnk()
                     _check_member(member.name, target, archive, is_link)
@@ -221,13 +230,15 @@ def _zip_member_name(member: zipfile.ZipInfo) -> str:
     zipfile decodes names as cp437, the format's old default; but the ordinary `zip` command
     (Info-ZIP) stores UTF-8 names without setting it, and "café" would come out as "caf├⌐".
     The common remedy: a name whose bytes are valid UTF-8 is taken as UTF-8 (cp437 text with
-    accents almost never is), any other stays cp437."""
-    if member.flag_bits & 0x800:
-        return member.filename
-    try:
-        return member.filename.encode("cp437").decode("utf-8")
-    except UnicodeError:
-        return member.filename
+    accents almost never is), any other stays cp437.
+
+    Backslashes are folder separators, as unzip takes them: the format wants "/", but some
+    Windows tools wrote "\\", and "ds\\cat\\1.png" would come out as one file at the top."""
+    name = member.filename
+    if not member.flag_bits & 0x800:
+        with contextlib.suppress(UnicodeError):
+            name = name.encode("cp437").decode("utf-8")
+    return name.replace("\\", "/")
 
 
 def _check_member(name: str, target: Path, archive: Path, is_link: bool) -> None:

@@ -5,8 +5,10 @@ with the same operation as the model's own resize layer, so one photo gives one 
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,7 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: str | None = None,
     size: int | None = None,
+    limit_name: str = "--max-pixels",
 ) -> np.ndarray:
     """Decode an image file (any format Pillow reads; the first frame of an animation) to
     uint8 RGB pixels, H x W x 3, upright as its EXIF orientation says.
@@ -50,28 +53,46 @@ def decode_image(
 
     Args:
         source: the file's path, or its bytes (an upload).
-        max_pixels: refuse images with more pixels than this, before decoding them.
+        max_pixels: refuse images that would decode to more pixels than this, before
+            decoding them.
         name: what error messages call the image (default: its path, or "image").
         size: the side the caller resizes the image to afterwards (a model's input). A JPEG
             much larger than that is decoded at 1/2, 1/4 or 1/8 of its size, as long as both
             sides stay at least `size`: libjpeg scales in its inverse DCT, which averages
             like an antialiased resize and skips most of the decoding work (a 640 x 480
-            photo for a 32-pixel model: 80 x 60, 1.6x faster to decode).
+            photo for a 32-pixel model: 80 x 60, 1.6x faster to decode). The pixel limit
+            applies to that reduced size: a 48-megapixel phone photo decodes to 0.8.
+        limit_name: the option or param that sets `max_pixels`, for the error message.
 
     Raises:
         BadImage: naming the image and what is wrong with it.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "image")
+    if isinstance(source, bytes) and not source:
+        raise BadImage(f"{label}: empty file (0 bytes)")
+    if not isinstance(source, bytes):
+        path = Path(source)
+        if path.is_symlink() and not path.exists():
+            raise BadImage(f"{label}: {broken_link(path)}")
+        if path.is_file() and path.stat().st_size == 0:
+            raise BadImage(f"{label}: empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             width, height = image.size
-            if width * height > max_pixels:
-                raise BadImage(
-                    f"{label}: {width} x {height} = {width * height:,} pixels, over the limit "
-                    f"of {max_pixels:,}; shrink the image, or raise the limit (--max-pixels)"
-                )
             if size is not None:
                 image.draft("RGB", (size, size))  # only JPEGs have a draft mode
+            decoded_width, decoded_height = image.size
+            if decoded_width * decoded_height > max_pixels:
+                reduced = (
+                    f", decoded at {decoded_width} x {decoded_height}"
+                    if (decoded_width, decoded_height) != (width, height)
+                    else ""
+                )
+                raise BadImage(
+                    f"{label}: {width} x {height}{reduced} = "
+                    f"{decoded_width * decoded_height:,} pixels, over the limit of "
+                    f"{max_pixels:,}; shrink the image, or raise the limit ({limit_name})"
+                )
             upright = ImageOps.exif_transpose(image)
             if upright.mode.startswith("I"):
                 return _gray16_to_rgb(np.asarray(upright))
@@ -89,6 +110,16 @@ def decode_image(
     except _UNREADABLE as exc:
         reason = str(exc) or exc.__class__.__name__
         raise BadImage(f"{label}: not a readable image ({reason})") from None
+
+
+def broken_link(path: Path) -> str:
+    """Why the symbolic link `path` leads to no file or folder."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a loop of symbolic links; point it at a file or folder"
+    return f"a symbolic link to {os.readlink(path)}, which does not exist"
 
 
 def _gray16_to_rgb(gray: np.ndarray) -> np.ndarray:

@@ -68,6 +68,7 @@ class PreprocessParams(Section):
     val_fraction: Fraction
     test_fraction: Fraction
     on_bad_image: Literal["fail", "skip"]
+    max_pixels: Annotated[int, Field(ge=1)]
 
 
 class AugmentParams(Section):

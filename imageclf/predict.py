@@ -13,7 +13,6 @@ one place where that happens, in every format, so one photo gives one answer eve
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import os
 import queue
@@ -27,7 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from imageclf.errors import PipelineError
-from imageclf.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, BadImage, decode_image
+from imageclf.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    BadImage,
+    broken_link,
+    decode_image,
+)
 
 # Names inside the exported formats (see imageclf/export.py): the serving signature maps
 # "image" (uint8, N x H x W x 3) to "probabilities" (float32, N x C). The class names travel
@@ -227,7 +232,8 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
                 p
                 for p in path.rglob("*")
                 if p.suffix.lower() in IMAGE_SUFFIXES
-                and p.is_file()
+                # a broken link too: decoding names it, rather than the image going missing
+                and (p.is_file() or (p.is_symlink() and not p.exists()))
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not files:
@@ -241,20 +247,10 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
                 raise PipelineError(f"{raw}: no files match this pattern")
             found += find_images(matches)
         elif path.is_symlink():
-            raise PipelineError(f"{raw}: {_broken_link(path)}")
+            raise PipelineError(f"{raw}: {broken_link(path)}")
         else:
             raise PipelineError(f"{raw}: no such file or folder")
     return list(dict.fromkeys(found))
-
-
-def _broken_link(path: Path) -> str:
-    """Why a symbolic link leads to no file or folder."""
-    try:
-        path.stat()
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return "a loop of symbolic links; point it at a file or folder"
-    return f"a symbolic link to {os.readlink(path)}, which does not exist"
 
 
 @dataclass

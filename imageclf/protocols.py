@@ -34,7 +34,7 @@ from pydantic import (
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from imageclf.images import BadImage, decode_image
+from imageclf.images import decode_image
 
 INPUT, OUTPUT = "image", "probabilities"  # tensor names, as in the Keras model
 
@@ -168,8 +168,6 @@ def decode_files(
     model's input side (`decode_image`)."""
     images = []
     for name, data in files:
-        if not data:
-            raise BadImage(f"{name}: empty file")
         images.append(decode_image(data, max_pixels=max_pixels, name=name, size=size))
         check_pixels(sum(image.shape[0] * image.shape[1] for image in images), max_pixels)
     return images

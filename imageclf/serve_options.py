@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "read to join its batch; 0: never"),
         ("--max-body-mb", float, "largest request body, in MiB"),
         ("--max-images", int, "most images in one request"),
-        ("--max-pixels", int, "most pixels of one request's images together; larger images "
-         "are refused before they are decoded"),
+        ("--max-pixels", int, "most pixels of one request's images together, as decoded (a "
+         "large JPEG at its reduced scale); larger images are refused before they are decoded"),
         ("--workers", int, "server processes, each with its own copy of the model, whose "
          "threads get an equal share of the cores; pays under heavy load (README: Speed)"),
     )  # fmt: skip

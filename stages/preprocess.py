@@ -10,7 +10,12 @@ from imageclf.params import load_params
 
 def main() -> None:
     params = load_params()
-    dataset = read_dataset(paths.RAW, params.data.image_size, params.preprocess.on_bad_image)
+    dataset = read_dataset(
+        paths.RAW,
+        params.data.image_size,
+        params.preprocess.on_bad_image,
+        params.preprocess.max_pixels,
+    )
     splits = prepare_splits(
         dataset, params.preprocess.val_fraction, params.preprocess.test_fraction, params.seed
     )

@@ -1,5 +1,6 @@
 """Reading datasets users bring, splitting them, and the errors bad data gets."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def test_a_class_of_unreadable_files_is_listed_with_the_other_bad_files(tmp_path
         path.write_bytes(b"not an image")
     with pytest.raises(PipelineError, match="4 file\\(s\\) are not readable images"):
         read_dataset(root, 16, on_bad_image="fail")
-    with pytest.raises(PipelineError, match="green: class folder has no readable images"):
+    with pytest.raises(PipelineError, match="green: none of the class folder's 4 files is a"):
         read_dataset(root, 16, on_bad_image="skip")
 
 
@@ -86,8 +87,13 @@ def test_one_class_or_an_empty_class_is_an_error(tmp_path: Path) -> None:
         read_dataset(one, 16)
     root = synthetic.image_folders(tmp_path / "two", per_class=4, test_per_class=0)
     (root / "train" / "empty").mkdir()
-    with pytest.raises(PipelineError, match="empty: class folder has no readable images"):
+    with pytest.raises(PipelineError) as error:
         read_dataset(root, 16)
+    assert str(error.value).startswith(
+        f"{root / 'train' / 'empty'}: class folder without image files; add images to it or "
+        "remove it: make the change in your data.source folder or archive, then run "
+        "`dvc repro -f -s download`"
+    )
 
 
 def test_splits_are_stratified_seeded_and_carved_from_train(tmp_path: Path) -> None:
@@ -180,6 +186,77 @@ def test_split_folders_in_any_case_and_a_shipped_validation_split(
         tmp_path / "parts", per_class=4, test_per_class=0, classes=("valid", "invalid")
     )
     assert read_dataset(classes / "train", 16).class_names == ["invalid", "valid"]
+
+
+def test_a_class_of_few_images_is_in_every_carved_split(tmp_path: Path) -> None:
+    root = synthetic.image_folders(
+        tmp_path / "ds", per_class=8, test_per_class=0, classes=("cat", "dog", "rare")
+    )
+    for path in sorted((root / "train" / "rare").iterdir())[3:]:
+        path.unlink()  # 3 images: one for each split
+    dataset = read_dataset(root, 16)
+    splits = prepare_splits(dataset, val_fraction=0.2, test_fraction=0.2, seed=0)
+    # a fifth of each class, rounded, would carve no "rare" image: its scores would be 0 and
+    # pull the macro averages down though every test image was classified right
+    for name, split in splits.items():
+        assert np.bincount(split.labels, minlength=3).min() >= 1, name
+    together = np.concatenate([s.images for s in splits.values()])
+    assert len(np.unique(together.reshape(len(together), -1), axis=0)) == 19  # each once
+    again = prepare_splits(dataset, val_fraction=0.2, test_fraction=0.2, seed=0)
+    assert np.array_equal(again["test"].images, splits["test"].images)
+
+
+def test_folders_named_like_splits_are_classes_when_they_hold_images(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vehicles = synthetic.image_folders(
+        tmp_path / "vehicles", per_class=4, test_per_class=0, classes=("bus", "car", "train")
+    )
+    shutil.copy(vehicles / "train" / "bus" / "0000.png", vehicles / "train" / "unsorted.png")
+    assert read_dataset(vehicles / "train", 16).class_names == ["bus", "car", "train"]
+    assert "1 image file(s) next to the class folders (unsorted.png, ...) are in no class: " in (
+        capsys.readouterr().out
+    )
+    stages = synthetic.image_folders(
+        tmp_path / "stages", per_class=4, test_per_class=0, classes=("prod", "test")
+    )
+    assert read_dataset(stages / "train", 16).class_names == ["prod", "test"]
+    # a train/ of class folders is a split: a class folder beside it is neither here nor there
+    mixed = synthetic.image_folders(tmp_path / "mixed", per_class=4, test_per_class=0)
+    (mixed / "train" / "red").rename(mixed / "red")
+    with pytest.raises(PipelineError) as error:
+        read_dataset(mixed, 16)
+    assert str(error.value).startswith(
+        f"{mixed}: folders ['red'] are next to the split folders ['train']. A dataset is either "
+        "one folder per class, or split folders"
+    )
+
+
+def test_a_test_split_without_a_class_names_the_class(tmp_path: Path) -> None:
+    root = synthetic.image_folders(tmp_path / "ds", per_class=4, test_per_class=2)
+    shutil.rmtree(root / "test" / "green")
+    with pytest.raises(PipelineError) as error:
+        read_dataset(root, 16)
+    assert str(error.value).startswith(
+        f"{root / 'test'}: class folders ['green'] are missing. Every split must have the same "
+        "classes: make the change in your data.source folder or archive"
+    )
+
+
+def test_the_pixel_limit_counts_the_pixels_decoded(tmp_path: Path) -> None:
+    root = synthetic.image_folders(tmp_path / "ds", per_class=4, test_per_class=0)
+    photo = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(root / "train" / "red" / "photo.jpg")
+    # 120,000 pixels, over the limit, but a JPEG for 16-pixel images decodes at 1/8: 50 x 38
+    dataset = read_dataset(root, 16, max_pixels=10_000)
+    assert np.bincount(dataset.train.labels).tolist() == [4, 4, 5]
+    Image.fromarray(photo).save(root / "train" / "red" / "scan.png")  # no reduced decoding
+    with pytest.raises(PipelineError) as error:
+        read_dataset(root, 16, max_pixels=10_000)
+    assert (
+        f"{root / 'train' / 'red' / 'scan.png'}: 400 x 300 = 120,000 pixels, over the limit "
+        "of 10,000; shrink the image, or raise the limit (preprocess.max_pixels)"
+    ) in str(error.value)
 
 
 def test_too_few_images_name_the_class_and_what_it_needs(tmp_path: Path) -> None:

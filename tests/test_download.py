@@ -29,9 +29,9 @@ def dataset_folder(root: Path) -> Path:
     return root
 
 
-def tar_bytes(members: dict[str, bytes]) -> bytes:
+def tar_bytes(members: dict[str, bytes], compression: str = "gz") -> bytes:
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+    with tarfile.open(fileobj=buffer, mode=f"w:{compression}") as tar:
         for name, content in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(content)
@@ -52,14 +52,15 @@ GOOD = {"ds/train/cats/1.txt": b"cats", "ds/train/dogs/1.txt": b"dogs"}
 def served(tmp_path: Path, http_server) -> tuple[Path, str]:
     folder = tmp_path / "served"
     folder.mkdir()
-    (folder / "ds.tar.gz").write_bytes(tar_bytes(GOOD))
+    for suffix, compression in (("gz", "gz"), ("xz", "xz"), ("bz2", "bz2")):
+        (folder / f"ds.tar.{suffix}").write_bytes(tar_bytes(GOOD, compression))
     with zipfile.ZipFile(folder / "ds.zip", "w") as zipped:
         for name, content in GOOD.items():
             zipped.writestr(name, content)
     return folder, http_server(folder)
 
 
-@pytest.mark.parametrize("name", ["ds.tar.gz", "ds.zip"])
+@pytest.mark.parametrize("name", ["ds.tar.gz", "ds.tar.xz", "ds.tar.bz2", "ds.zip"])
 def test_http_archives_are_extracted(tmp_path: Path, served, name: str) -> None:
     folder, url = served
     fetch_dataset(f"{url}/{name}", tmp_path / "raw")
@@ -74,6 +75,13 @@ def test_file_url_local_path_and_folder(tmp_path: Path, served, monkeypatch) -> 
     fetch_dataset(str(dataset_folder(tmp_path / "mine")), tmp_path / "c")
     assert tree(tmp_path / "a") == tree(tmp_path / "b")
     assert tree(tmp_path / "c") == {"train/cats/1.txt": "cats", "train/dogs/1.txt": "dogs"}
+    # a relative path that is not there says where it was looked for
+    with pytest.raises(PipelineError) as error:
+        fetch_dataset("../elsewhere/ds.zip", tmp_path / "d")
+    assert str(error.value).startswith(
+        f"data.source: ../elsewhere/ds.zip does not exist (here: {tmp_path}/../elsewhere/ds.zip; "
+        "a relative path is taken from the folder the stage runs in"
+    )
 
 
 @pytest.mark.parametrize("algorithm", ["md5", "sha256"])
@@ -247,6 +255,19 @@ def test_zip_names_without_the_utf8_flag_keep_their_accents(tmp_path: Path) -> N
         "ds/thé/1.txt": "tea",
         "ds/été/1.txt": "summer",
     }
+
+
+def test_zip_names_with_backslashes_keep_their_folders(tmp_path: Path) -> None:
+    # as some Windows tools wrote them; on Linux zipfile keeps the backslashes in the name
+    with zipfile.ZipFile(tmp_path / "ds.zip", "w") as zipped:
+        for name, content in GOOD.items():
+            zipped.writestr(name.replace("/", "\\"), content)
+    fetch_dataset(str(tmp_path / "ds.zip"), tmp_path / "raw")
+    assert tree(tmp_path / "raw") == {k: v.decode() for k, v in GOOD.items()}
+    with zipfile.ZipFile(tmp_path / "evil.zip", "w") as zipped:
+        zipped.writestr("..\\evil.txt", b"x")
+    with pytest.raises(PipelineError, match="refusing member '../evil.txt'"):
+        fetch_dataset(str(tmp_path / "evil.zip"), tmp_path / "work" / "raw")
 
 
 def test_zip_name_outside_the_target_is_refused_by_its_utf8_name(tmp_path: Path) -> None:

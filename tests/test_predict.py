@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imageclf.images import BadImage, decode_image
+from imageclf.predict import find_images
 from tests.repos import run, venv_env
 from tests.synthetic import CLASSES
 
@@ -273,3 +275,24 @@ def test_python_dash_m_imageclf_is_the_same_command(tmp_path: Path) -> None:
     result = run(tmp_path, "python", "-m", "imageclf", "predict", "missing.jpg", check=False)
     assert result.stderr == "error: missing.jpg: no such file or folder\n"
     assert result.returncode == 1
+
+
+def test_a_broken_link_or_an_empty_file_in_a_folder_is_named_not_skipped(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "gone.jpg").symlink_to("missing.jpg")
+    (tmp_path / "loop.png").symlink_to("loop.png")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    found = find_images([tmp_path])
+    assert [path.name for path in found] == ["empty.jpg", "gone.jpg", "loop.png", "ok.png"]
+    reasons = {
+        "empty.jpg": "empty file (0 bytes)",
+        "gone.jpg": "a symbolic link to missing.jpg, which does not exist",
+        "loop.png": "a loop of symbolic links; point it at a file or folder",
+    }
+    for name, reason in reasons.items():
+        with pytest.raises(BadImage) as error:
+            decode_image(tmp_path / name)
+        assert str(error.value) == f"{tmp_path / name}: {reason}"
+    # an upload says the same as a file
+    with pytest.raises(BadImage, match="^upload: empty file \\(0 bytes\\)$"):
+        decode_image(b"", name="upload")
