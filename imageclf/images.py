@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import EpsImagePlugin, Image, ImageOps, UnidentifiedImageError
 
 from imageclf.errors import PipelineError
 
@@ -23,10 +23,18 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # set per call (and raised above Pillow's fixed 89 megapixels when a user asks for it).
 Image.MAX_IMAGE_PIXELS = None
 
+# Formats Pillow recognizes but cannot decode here: stubs waiting for a handler (BUFR, GRIB,
+# HDF5, WMF outside Windows), MPEG (its header only), EPS without Ghostscript. A folder search
+# would otherwise take `.h5` model files and `.mpg` videos for images.
+_UNDECODABLE = {"BUFR", "GRIB", "HDF5", "MPEG", "WMF"} | (
+    set() if EpsImagePlugin.has_ghostscript() else {"EPS"}
+)
 # file names taken for images where a folder is searched: every extension of a format Pillow
-# can open
+# can decode
 IMAGE_SUFFIXES = frozenset(
-    suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN
+    suffix
+    for suffix, kind in Image.registered_extensions().items()
+    if kind in Image.OPEN and kind not in _UNDECODABLE
 )
 
 # what Pillow raises on files that are not images, truncated or otherwise corrupt

@@ -277,11 +277,14 @@ def test_python_dash_m_imageclf_is_the_same_command(tmp_path: Path) -> None:
     assert result.returncode == 1
 
 
-def test_a_broken_link_or_an_empty_file_in_a_folder_is_named_not_skipped(tmp_path: Path) -> None:
+def test_broken_links_and_empty_files_in_a_folder_are_named_videos_left_out(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
     (tmp_path / "gone.jpg").symlink_to("missing.jpg")
     (tmp_path / "loop.png").symlink_to("loop.png")
     (tmp_path / "empty.jpg").write_bytes(b"")
+    # files of formats Pillow only recognizes, not images to classify here
+    (tmp_path / "model.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    (tmp_path / "clip.mpg").write_bytes(b"\x00\x00\x01\xb3")
     found = find_images([tmp_path])
     assert [path.name for path in found] == ["empty.jpg", "gone.jpg", "loop.png", "ok.png"]
     reasons = {
