@@ -12,15 +12,23 @@ from imageclf.augment import shift
 
 
 def predict(
-    model: keras.Model, images: np.ndarray, batch_size: int, tta: str = "none"
+    model: keras.Model,
+    images: np.ndarray,
+    batch_size: int,
+    tta: str = "none",
+    mirror: bool = True,
 ) -> np.ndarray:
     """Class probabilities of `images`, with test-time augmentation `tta` (airbench's levels):
     "none"; "flip": the mean over each image and its horizontal mirror; "translate": half that,
-    half the same mean over copies shifted by one pixel up-left and down-right."""
+    half the same mean over copies shifted by one pixel up-left and down-right.
+
+    `mirror`: whether a mirror image shows the same class. A model trained without flips
+    (augment.flip: none, as for classes that differ by left and right) gets no mirror views:
+    "flip" is then "none", and "translate" averages the shifts alone."""
 
     def with_mirror(views: np.ndarray) -> np.ndarray:
         plain = model.predict(views, batch_size=batch_size, verbose=0)
-        if tta == "none":
+        if tta == "none" or not mirror:
             return plain
         return (plain + model.predict(views[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2
 

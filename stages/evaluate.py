@@ -17,8 +17,12 @@ def main() -> None:
     names = class_names(model)
     test = load_split(paths.PREPARED, "test")
 
+    # a model trained without mirror images may tell left from right: no mirrors at test time
+    mirror = params.augment.flip != "none"
+    if not mirror and params.evaluate.tta != "none":
+        print("augment.flip is none: test-time augmentation leaves out mirror images")
     probabilities = evaluation.predict(
-        model, test.images, params.evaluate.batch_size, params.evaluate.tta
+        model, test.images, params.evaluate.batch_size, params.evaluate.tta, mirror
     )
     predicted = probabilities.argmax(axis=1)
     summary = evaluation.summarize(test.labels, predicted, names)

@@ -55,3 +55,17 @@ def test_translate_weighs_plain_and_shifted_views_half_and_half() -> None:
     translated = predict(model, images, batch_size=2, tta="translate")
     np.testing.assert_allclose(translated, expected, atol=1e-6)
     assert not np.allclose(translated, predict(model, images, batch_size=2, tta="flip"))
+
+
+def test_a_model_trained_without_mirrors_gets_no_mirror_views() -> None:
+    model = column_model(6)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 6, 6, 1)).astype(np.float32) / 255
+    plain = predict(model, images, batch_size=2, tta="none")
+    np.testing.assert_allclose(predict(model, images, 2, tta="flip", mirror=False), plain)
+    shifted = [model.predict(shift(images, d, d), verbose=0) for d in (-1, 1)]
+    np.testing.assert_allclose(
+        predict(model, images, 2, tta="translate", mirror=False),
+        plain / 2 + (shifted[0] + shifted[1]) / 4,
+        atol=1e-6,
+    )

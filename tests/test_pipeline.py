@@ -74,6 +74,12 @@ def test_first_run_gives_every_output_and_reruns_run_only_what_changed(
         assert title in page, title
     commit_all(repo, "no tta")
 
+    # training without mirror images also takes them out of evaluate's test-time augmentation
+    set_params(repo, **{"augment.flip": "none"})
+    status = yaml.safe_load(run(repo, "dvc", "status", "--json").stdout)
+    assert "augment.flip" in str(status["evaluate"]), status["evaluate"]
+    run(repo, "git", "checkout", "params.yaml")
+
     # an experiment on a training param reruns training and what follows it, nothing before
     experiment = run(repo, "dvc", "exp", "run", "-n", "three-epochs", "-S", "train.epochs=3")
     assert ran_stages(experiment.stdout) == ["train", "finetune", "evaluate", "export"]
