@@ -113,7 +113,15 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from imageclf.predict import find_images, load_classifier, native_stderr_muted, predict_files
 
-    files = find_images(args.paths)  # before loading the model: a typo fails at once
+    left_out: list[Path] = []
+    files = find_images(args.paths, left_out)  # before loading the model: a typo fails at once
+    if left_out:
+        names = ", ".join(path.name for path in left_out[:3])
+        print(
+            f"note: {len(left_out)} file(s) in the folders are of formats Pillow does not read, "
+            f"left out: {names}{', ...' if len(left_out) > 3 else ''}",
+            file=sys.stderr,
+        )
     with native_stderr_muted():
         classifier = load_classifier(args.model)
     style = "json" if args.json else "csv" if args.csv else "table"

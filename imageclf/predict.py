@@ -216,9 +216,11 @@ BATCH_PIXELS = 1 << 25
 READERS = 2
 
 
-def find_images(paths: Sequence[str | Path]) -> list[Path]:
+def find_images(paths: Sequence[str | Path], left_out: list[Path] | None = None) -> list[Path]:
     """The files named by `paths`: files as given, folders walked recursively for image files
     (hidden ones left out), glob patterns expanded (`**` included). Each file once, in order.
+    Other files in the folders walked (formats Pillow does not read, such as HEIC photos
+    without its plugin) are added to `left_out`, when given, for the caller to mention.
 
     Raises:
         PipelineError: a path that does not exist, a folder without image files, a pattern
@@ -228,24 +230,37 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(
-                p
-                for p in path.rglob("*")
-                if p.suffix.lower() in IMAGE_SUFFIXES
+            files, others = [], []
+            for p in sorted(path.rglob("*")):
+                if any(part.startswith(".") for part in p.relative_to(path).parts):
+                    continue
                 # a broken link too: decoding names it, rather than the image going missing
-                and (p.is_file() or (p.is_symlink() and not p.exists()))
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+                if p.suffix.lower() in IMAGE_SUFFIXES and (
+                    p.is_file() or (p.is_symlink() and not p.exists())
+                ):
+                    files.append(p)
+                elif p.is_file():
+                    others.append(p)
             if not files:
-                raise PipelineError(f"{path}: no image files in this folder or below it")
+                other_formats = (
+                    f" ({len(others)} file(s) of formats Pillow does not read, such as "
+                    f"{others[0].name})"
+                    if others
+                    else ""
+                )
+                raise PipelineError(
+                    f"{path}: no image files in this folder or below it{other_formats}"
+                )
             found += files
+            if left_out is not None:
+                left_out += others
         elif path.is_file():
             found.append(path)
         elif glob.has_magic(str(raw)):
             matches = sorted(glob.glob(str(raw), recursive=True))
             if not matches:
                 raise PipelineError(f"{raw}: no files match this pattern")
-            found += find_images(matches)
+            found += find_images(matches, left_out)
         elif path.is_symlink():
             raise PipelineError(f"{raw}: {broken_link(path)}")
         else:

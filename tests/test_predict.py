@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imageclf.errors import PipelineError
 from imageclf.images import BadImage, decode_image
 from imageclf.predict import find_images
 from tests.repos import run, venv_env
@@ -285,8 +286,11 @@ def test_broken_links_and_empty_files_in_a_folder_are_named_videos_left_out(tmp_
     # files of formats Pillow only recognizes, not images to classify here
     (tmp_path / "model.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
     (tmp_path / "clip.mpg").write_bytes(b"\x00\x00\x01\xb3")
-    found = find_images([tmp_path])
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")  # no plugin here
+    left_out: list[Path] = []
+    found = find_images([tmp_path], left_out)
     assert [path.name for path in found] == ["empty.jpg", "gone.jpg", "loop.png", "ok.png"]
+    assert sorted(path.name for path in left_out) == ["IMG_0001.HEIC", "clip.mpg", "model.h5"]
     reasons = {
         "empty.jpg": "empty file (0 bytes)",
         "gone.jpg": "a symbolic link to missing.jpg, which does not exist",
@@ -299,3 +303,13 @@ def test_broken_links_and_empty_files_in_a_folder_are_named_videos_left_out(tmp_
     # an upload says the same as a file
     with pytest.raises(BadImage, match="^upload: empty file \\(0 bytes\\)$"):
         decode_image(b"", name="upload")
+
+
+def test_a_folder_of_other_formats_only_says_which(tmp_path: Path) -> None:
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with pytest.raises(PipelineError) as error:
+        find_images([tmp_path])
+    assert str(error.value) == (
+        f"{tmp_path}: no image files in this folder or below it (1 file(s) of formats Pillow "
+        "does not read, such as IMG_0001.HEIC)"
+    )
