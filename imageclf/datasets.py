@@ -383,16 +383,17 @@ def _every_class_on_both_sides(
     and its macro-averaged scores 0). One of its images, drawn with `seed`, moves across.
     Splits where every class is on both sides come back unchanged."""
     rng = np.random.default_rng(seed)
+
+    def move_one(label: int, source: np.ndarray, target: np.ndarray) -> tuple:
+        candidates = np.flatnonzero(labels[source] == label)  # at least 2: checked before
+        moved = source[candidates[rng.integers(len(candidates))]]
+        return source[source != moved], np.append(target, moved)
+
     for label in np.unique(labels):
-        for side in ("carve", "keep"):
-            target, source = (carve, keep) if side == "carve" else (keep, carve)
-            if np.any(labels[target] == label):
-                continue
-            candidates = np.flatnonzero(labels[source] == label)  # at least 2: checked before
-            moved = source[candidates[rng.integers(len(candidates))]]
-            source = source[source != moved]
-            target = np.append(target, moved)
-            keep, carve = (source, target) if side == "carve" else (target, source)
+        if not np.any(labels[carve] == label):
+            keep, carve = move_one(label, keep, carve)
+        if not np.any(labels[keep] == label):
+            carve, keep = move_one(label, carve, keep)
     return keep, carve
 
 

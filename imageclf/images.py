@@ -76,14 +76,6 @@ def decode_image(
         BadImage: naming the image and what is wrong with it.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "image")
-    if isinstance(source, bytes) and not source:
-        raise BadImage(f"{label}: empty file (0 bytes)")
-    if not isinstance(source, bytes):
-        path = Path(source)
-        if path.is_symlink() and not path.exists():
-            raise BadImage(f"{label}: {broken_link(path)}")
-        if path.is_file() and path.stat().st_size == 0:
-            raise BadImage(f"{label}: empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             width, height = image.size
@@ -105,19 +97,34 @@ def decode_image(
             if upright.mode.startswith("I"):
                 return _gray16_to_rgb(np.asarray(upright))
             return np.asarray(upright.convert("RGB"), dtype=np.uint8)
+    # why it failed is worked out here, on the error path only: not for every good image
     except FileNotFoundError:
-        raise BadImage(f"{label}: no such file") from None
+        raise BadImage(f"{label}: {_dangling_link(source) or 'no such file'}") from None
     except IsADirectoryError:
         raise BadImage(f"{label}: is a folder, not an image file") from None
     except UnidentifiedImageError:
+        if _is_empty(source):
+            raise BadImage(f"{label}: empty file (0 bytes)") from None
         # Pillow's own message names its internal buffer object, not the file
         raise BadImage(
             f"{label}: not a readable image (no image format Pillow knows: PNG, JPEG, GIF, BMP, "
             "TIFF, WebP, ...)"
         ) from None
-    except _UNREADABLE as exc:
-        reason = str(exc) or exc.__class__.__name__
-        raise BadImage(f"{label}: not a readable image ({reason})") from None
+    except _UNREADABLE as exc:  # a loop of symbolic links among them
+        detail = str(exc) or type(exc).__name__
+        reason = _dangling_link(source) or f"not a readable image ({detail})"
+        raise BadImage(f"{label}: {reason}") from None
+
+
+def _dangling_link(source: bytes | str | Path) -> str | None:
+    """Why `source` leads to no file, if it is a symbolic link that does not."""
+    if isinstance(source, bytes) or not Path(source).is_symlink() or Path(source).exists():
+        return None
+    return broken_link(Path(source))
+
+
+def _is_empty(source: bytes | str | Path) -> bool:
+    return len(source) == 0 if isinstance(source, bytes) else Path(source).stat().st_size == 0
 
 
 def broken_link(path: Path) -> str:
