@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import sys
-import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,8 +177,11 @@ class _Output:
 
 
 def _display_width(text: str) -> int:
-    """Columns `text` takes in a terminal: CJK and other wide characters take two."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    """Columns `text` takes in a terminal: two for CJK characters and emoji (a flag or a
+    family joined by zero-width joiners is one), none for combining accents."""
+    from rich.cells import cell_len  # rich comes with Keras and DVC; imported when printing
+
+    return cell_len(text)
 
 
 def _pad(text: str, width: int) -> str:

@@ -23,7 +23,12 @@ from tqdm import tqdm
 
 from imageclf.errors import PipelineError
 
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar", ".zip")
+# An archive's format is read from its first bytes, not its name: many download links end in
+# "download" or "?dl=1", and a renamed file should not be refused for its suffix.
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a member first, or an empty archive
+COMPRESSED_TAR_MAGIC = (b"\x1f\x8b", b"\xfd7zXZ\x00", b"BZh")  # gzip, xz, bzip2
+TAR_MAGIC_OFFSET = 257  # "ustar" in the first header of a POSIX or GNU tar
+ARCHIVE_FORMATS = ".tar.gz, .tgz, .tar.xz, .tar.bz2, .tar or .zip"
 RETRY_DELAY = 1.0  # seconds before the first retry; doubled for each further one
 CHUNK = 1 << 20
 HOW_TO_USE_A_LOCAL_COPY = (
@@ -48,7 +53,7 @@ def fetch_dataset(
         staging = Path(work) / "dataset"
         url = urlparse(source)
         if url.scheme in ("http", "https"):
-            archive = Path(work) / _archive_name(Path(unquote(url.path)).name, source)
+            archive = Path(work) / "archive"  # its format is read from its content
             _download(source, archive, retries)
         else:
             local = Path(unquote(url.path) if url.scheme == "file" else source).expanduser()
@@ -75,7 +80,7 @@ def fetch_dataset(
                 _swap_in(staging, out_dir)
                 return
             archive = local
-            _archive_name(local.name, source)
+        archive_format = _archive_format(archive, source)
         if expected:
             actual = _hash_file(archive, algorithm)
             if actual != expected:
@@ -84,7 +89,7 @@ def fetch_dataset(
                     f"{algorithm}:{actual}. The file is corrupt or not the one meant; download it "
                     "again, or set data.checksum to the new value if the change is intended."
                 )
-        _extract(archive, staging, source)
+        _extract(archive, archive_format, staging, source)
         _require_files(staging, source)
         _swap_in(staging, out_dir)
 
@@ -117,13 +122,29 @@ def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdef" for c in text)
 
 
-def _archive_name(name: str, source: str) -> str:
-    if not name.lower().endswith(ARCHIVE_SUFFIXES):
+def _archive_format(archive: Path, source: str) -> str:
+    """The archive's format, "zip" or "tar" (compressed or not), from its first bytes."""
+    with archive.open("rb") as file:
+        head = file.read(TAR_MAGIC_OFFSET + 5)
+    if not head:
+        raise PipelineError(f"data.source: {source} is an empty file; download it again")
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    if head.startswith(COMPRESSED_TAR_MAGIC) or head[TAR_MAGIC_OFFSET:] == b"ustar":
+        return "tar"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        # what sharing sites answer a link that is not the file's own: a login or download page
         raise PipelineError(
-            f"data.source: {source} is neither a folder nor an archive of a supported format "
-            f"({', '.join(ARCHIVE_SUFFIXES)})"
+            f"data.source: {source} is a web page, not an archive ({ARCHIVE_FORMATS}); use "
+            "the link that downloads the file itself (the one your browser's download list "
+            "shows), or download it and set data.source to its path"
         )
-    return name
+    raise PipelineError(
+        f"data.source: {source} is neither a folder nor an archive of a supported format "
+        f"({ARCHIVE_FORMATS}; its first bytes are {head[:8]!r}). Extract it into a folder and "
+        "set data.source to that folder"
+    )
 
 
 def _hash_file(path: Path, algorithm: str) -> str:
@@ -167,7 +188,8 @@ def _download_once(url: str, target: Path) -> None:
     with urllib.request.urlopen(url, timeout=60) as response, target.open("wb") as file:
         total = int(response.headers.get("Content-Length") or 0) or None
         received = 0
-        with tqdm(total=total, unit="B", unit_scale=True, desc=Path(target).name) as bar:
+        name = Path(unquote(urlparse(url).path)).name or url
+        with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
             while chunk := response.read(CHUNK):
                 file.write(chunk)
                 received += len(chunk)
@@ -198,11 +220,11 @@ def _copy_folder(local: Path, staging: Path) -> None:
         raise PipelineError(f"data.source: cannot copy {local} ({exc})") from None
 
 
-def _extract(archive: Path, target: Path, source: str) -> None:
+def _extract(archive: Path, archive_format: str, target: Path, source: str) -> None:
     """Extract `archive` into `target`, refusing members that would land outside it."""
     target.mkdir()
     try:
-        if archive.name.lower().endswith(".zip"):
+        if archive_format == "zip":
             with zipfile.ZipFile(archive) as zipped:
                 members = zipped.infolist()
                 for member in members:

@@ -67,6 +67,44 @@ def test_http_archives_are_extracted(tmp_path: Path, served, name: str) -> None:
     assert tree(tmp_path / "raw") == {k: v.decode() for k, v in GOOD.items()}
 
 
+def test_format_is_read_from_the_content_not_the_name(tmp_path: Path, served) -> None:
+    """Download links often end in "download" or "?dl=1", and files get renamed."""
+    folder, url = served
+    (folder / "download").write_bytes((folder / "ds.zip").read_bytes())
+    (folder / "zipped.tar.gz").write_bytes((folder / "ds.zip").read_bytes())
+    (folder / "ds.dat").write_bytes((folder / "ds.tar.xz").read_bytes())
+    fetch_dataset(f"{url}/download?dl=1", tmp_path / "a")
+    fetch_dataset(str(folder / "zipped.tar.gz"), tmp_path / "b")
+    fetch_dataset(f"{url}/ds.dat", tmp_path / "c")
+    expected = {k: v.decode() for k, v in GOOD.items()}
+    assert tree(tmp_path / "a") == tree(tmp_path / "b") == tree(tmp_path / "c") == expected
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"<!DOCTYPE html><html><body>Sign in</body></html>", "is a web page, not an archive"),
+        (b"Rar!\x1a\x07\x00 not a tar", "neither a folder nor an archive"),
+        (b"", "is an empty file"),
+    ],
+    ids=["html", "rar", "empty"],
+)
+def test_a_download_that_is_not_an_archive_is_named(
+    tmp_path: Path, http_server, content: bytes, says: str
+) -> None:
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "dataset.zip").write_bytes(content)
+    raw = dataset_folder(tmp_path / "raw")
+    before = tree(raw)
+    url = f"{http_server(served)}/dataset.zip"
+    with pytest.raises(PipelineError) as error:
+        fetch_dataset(url, raw, "sha256:" + "0" * 64)  # the format is judged before the hash
+    assert str(error.value).startswith(f"data.source: {url} ") and says in str(error.value)
+    assert tree(raw) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "served"]
+
+
 def test_file_url_local_path_and_folder(tmp_path: Path, served, monkeypatch) -> None:
     folder, _ = served
     fetch_dataset(f"file://{folder / 'ds.tar.gz'}", tmp_path / "a")
