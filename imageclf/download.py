@@ -229,15 +229,19 @@ def _extract(archive: Path, archive_format: str, target: Path, source: str) -> N
                 members = zipped.infolist()
                 for member in members:
                     member.filename = _zip_member_name(member)  # extracted under this name
-                    # a symlink entry keeps its mode in the high bits of external_attr
+                    # a symlink entry keeps its mode in the high bits of external_attr, and
+                    # what it points to as its content
                     is_link = (member.external_attr >> 16) & 0o170000 == 0o120000
-                    _check_member(member.filename, target, archive, is_link)
+                    link = zipped.read(member).decode(errors="replace") if is_link else None
+                    _check_member(member.filename, target, source, link)
                 zipped.extractall(target, members)
         else:
             with tarfile.open(archive) as tar:  # any compression tarfile reads
                 for member in tar.getmembers():
-                    is_link = member.issym() or member.islnk()
-                    _check_member(member.name, target, archive, is_link)
+                    link = member.linkname if member.issym() or member.islnk() else None
+                    # a hard link names its file from the archive's top
+                    link_from = target if member.islnk() else None
+                    _check_member(member.name, target, source, link, link_from)
                 # the "data" filter refuses special files and unsafe permissions as well
                 tar.extractall(target, filter="data")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
@@ -263,13 +267,30 @@ def _zip_member_name(member: zipfile.ZipInfo) -> str:
     return name.replace("\\", "/")
 
 
-def _check_member(name: str, target: Path, archive: Path, is_link: bool) -> None:
+def _check_member(
+    name: str, target: Path, source: str, link: str | None = None, link_from: Path | None = None
+) -> None:
+    """Refuse a member that would land outside `target`, or that is a link: to `link`, a path
+    from the folder `link_from` (by default the member's own, as for a symbolic link)."""
     resolved = (target / name).resolve()
-    if is_link or Path(name).is_absolute() or not resolved.is_relative_to(target.resolve()):
-        kind = "a link" if is_link else "a path outside the target folder"
+    if Path(name).is_absolute() or not resolved.is_relative_to(target.resolve()):
         raise PipelineError(
-            f"{archive.name}: refusing member {name!r}: {kind}. The archive is unsafe; "
-            "use a trusted copy of the dataset."
+            f"{source}: refusing member {name!r}: a path outside the target folder. The "
+            "archive is unsafe; use a trusted copy of the dataset."
+        )
+    if link is not None:
+        # links to files of the archive itself are harmless, but DVC would track the link,
+        # not the image; links elsewhere are how archives write outside their folder
+        pointed = ((link_from or resolved.parent) / link).resolve()
+        if Path(link).is_absolute() or not pointed.is_relative_to(target.resolve()):
+            raise PipelineError(
+                f"{source}: refusing member {name!r}: a link to {link!r}, outside the archive. "
+                "The archive is unsafe; use a trusted copy of the dataset."
+            )
+        raise PipelineError(
+            f"{source}: refusing member {name!r}: a link (to {link!r}); only files are "
+            "extracted. Extract the archive yourself with links replaced by the files they "
+            "point to (`cp -rL extracted/ copy/` does that), and set data.source to the copy."
         )
 
 

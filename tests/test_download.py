@@ -214,12 +214,12 @@ def test_corrupt_or_truncated_archive(tmp_path: Path, name: str) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
-def link_tar(kind: bytes) -> bytes:
+def link_tar(kind: bytes, to: str = "../../outside.txt") -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         info = tarfile.TarInfo("ds/escape")
         info.type = kind
-        info.linkname = "../../outside.txt"
+        info.linkname = to
         tar.addfile(info)
     return buffer.getvalue()
 
@@ -242,6 +242,21 @@ def test_members_outside_the_target_are_refused(tmp_path: Path, archive: bytes) 
     assert list((tmp_path / "work").iterdir()) == []
     assert not Path("/tmp/evil-absolute.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tar.gz", "work"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "to"), [(tarfile.SYMTYPE, "../ds/cats/1.txt"), (tarfile.LNKTYPE, "ds/cats/1.txt")]
+)
+def test_a_link_inside_the_archive_says_how_to_replace_it_by_its_file(
+    tmp_path: Path, kind: bytes, to: str
+) -> None:
+    (tmp_path / "links.tar.gz").write_bytes(link_tar(kind, to))
+    with pytest.raises(PipelineError) as error:
+        fetch_dataset(str(tmp_path / "links.tar.gz"), tmp_path / "work" / "raw")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'links.tar.gz'}: refusing member 'ds/escape': ")
+    assert f"a link (to '{to}'); only files are extracted" in message and "cp -rL" in message
+    assert "unsafe" not in message and not (tmp_path / "work" / "raw").exists()
 
 
 def test_zip_member_outside_the_target_is_refused(tmp_path: Path) -> None:
