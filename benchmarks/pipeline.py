@@ -36,7 +36,16 @@ sys.path.insert(0, str(PROJECT))
 from benchmarks.throughput import numpy_gemm_gflops, training_flops_per_image  # noqa: E402
 
 # every stage of dvc.yaml, so that the last `dvc repro` has nothing left to do
-STAGES = ("download", "preprocess", "augment", "train", "finetune", "evaluate", "export")
+STAGES = (
+    "check_params",
+    "download",
+    "preprocess",
+    "augment",
+    "train",
+    "finetune",
+    "evaluate",
+    "export",
+)
 # airbench94's training cost in epochs of our default net (issue 16): its 9.9 epochs of 50,000
 # images at 1.10x our default net's images/s, measured side by side on one machine
 AIRBENCH94_DEFAULT_EPOCHS = 9.9 * 50_000 / (1.10 * 47_500)
