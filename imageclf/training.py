@@ -125,10 +125,12 @@ def compile_model(
     peak_lr: float,
     total_steps: int,
     warmup_steps: int,
+    pretrained: bool = False,
 ) -> None:
     """Compile with the optimizer of `params`, its learning-rate schedule (linear warmup to
     `peak_lr`, then a cosine or linear decay to zero at `total_steps`) and label smoothing.
-    With Muon the conv kernels' schedule peaks at `peak_lr * muon_lr / lr`."""
+    With Muon the conv kernels' schedule peaks at `peak_lr * muon_lr / lr`; a `pretrained`
+    model trains with SGD instead (see below)."""
     if params.schedule == "triangular":
         schedule = Triangular(peak_lr, warmup_steps, total_steps)
     else:
@@ -144,9 +146,16 @@ def compile_model(
         weight_decay=params.weight_decay,
         bias_lr_scale=params.bias_lr_scale,
     )
-    if params.optimizer == "sgd":
+    optimizer_name = params.optimizer
+    if optimizer_name == "muon" and pretrained:
+        # Muon holds every kernel it trains at norm sqrt(out channels) from its first step:
+        # right for kernels trained from scratch, but it would rescale pretrained ones, whose
+        # BatchNorm statistics stay fixed (inference mode) and cannot follow
+        print("Pretrained weights: trained with SGD (train.optimizer: muon is for new nets)")
+        optimizer_name = "sgd"
+    if optimizer_name == "sgd":
         optimizer = SGD(schedule, **sgd)
-    elif params.optimizer == "muon":
+    elif optimizer_name == "muon":
         # the kernels' peak is train.muon_lr where the others' is train.lr; the finetune
         # stage's lower peak lowers both alike
         optimizer = Muon(
@@ -273,6 +282,7 @@ def run_training_stage(
             peak_lr,
             total_steps=steps * epochs,
             warmup_steps=round(warmup_epochs * steps),
+            pretrained=params.model.weights != "none",
         )
     logs, seconds = fit(
         model,

@@ -123,6 +123,33 @@ def test_weights_file_fills_a_frozen_backbone_and_finetune_unfreezes_its_top(
             np.testing.assert_array_equal(got, want)
 
 
+def test_pretrained_kernels_keep_their_scale_with_the_default_optimizer(in_tmp_path: Path) -> None:
+    # Muon (train.optimizer's default) would set every kernel it trains to norm sqrt(out
+    # channels); a pretrained kernel ahead of a frozen BatchNorm must keep its own scale
+    from imageclf.params import load_params
+    from imageclf.training import compile_model
+
+    donor = build_model(model_params("mobilenet_v2"), META).get_layer("backbone")
+    for variable in donor.weights:
+        if len(variable.shape) == 4:  # kernels; BatchNorm's variances stay positive
+            variable.assign(np.random.default_rng(1).normal(0, 0.05, variable.shape))
+    donor.save_weights("pretrained/backbone.weights.h5")
+    model = build_model(
+        model_params("mobilenet_v2", weights="pretrained/backbone.weights.h5"), META
+    )
+    unfreeze_top(model, "all")
+    kernels = [w for w in model.trainable_weights if len(w.shape) == 4 and w.shape[-1] > 1]
+    before = [float(np.linalg.norm(w)) for w in kernels]
+    train = load_params(PROJECT / "params.yaml").train
+    assert train.optimizer == "muon"
+    compile_model(model, train, 1e-6, total_steps=3, warmup_steps=0, pretrained=True)
+    images, labels = tiny_data()
+    model.fit(images, labels, epochs=1, batch_size=4, verbose=0)
+    after = [float(np.linalg.norm(w)) for w in kernels]
+    np.testing.assert_allclose(after, before, rtol=1e-3)
+    assert any(abs(b - np.sqrt(w.shape[-1])) > 0.1 * b for b, w in zip(before, kernels))
+
+
 def test_unfreeze_takes_a_count_of_layers(in_tmp_path: Path) -> None:
     donor = build_model(model_params("fastnet", input_size=None), META)
     donor.save("pretrained/donor.keras")
