@@ -339,9 +339,8 @@ def fit(
     continues them; once training is done they are merged into one table at `curves_path`
     (`curves_table`) and `work_dir` is removed. `first_step` numbers the epochs (the finetune
     stage continues the train stage's curves). Returns the last epoch's logs and the wall time
-    in seconds.
+    in seconds, that of the killed runs it resumes included.
     """
-    start = time.perf_counter()
     checkpoint = EpochCheckpoint(work_dir / "backup", fingerprint)
     initial_epoch = checkpoint.restore(model)
     if initial_epoch:
@@ -372,7 +371,7 @@ def fit(
     last = {key: float(values[-1]) for key, values in history.history.items()}
     write_text(curves_path, curves_table(Path(live.dir)).to_csv(sep="\t", index=False))
     shutil.rmtree(work_dir)
-    return last, time.perf_counter() - start
+    return last, checkpoint.elapsed()
 
 
 def _batches(
@@ -432,7 +431,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
     two files one after the other (a kill between them resumes the wrong epoch), each epoch's
     state is one file, `epoch-NNNN.weights.h5`, renamed into place once complete; the two
     latest are kept, so that an unreadable last file falls back to the one before. The
-    folder also holds the `fingerprint` of the run that wrote it.
+    folder also holds the `fingerprint` of the run that wrote it, and `seconds.json`: the
+    training's wall time up to each epoch, so that a resumed run's time counts the runs before.
     """
 
     KEEP = 2
@@ -441,6 +441,16 @@ class EpochCheckpoint(keras.callbacks.Callback):
         super().__init__()
         self.folder = folder
         self.fingerprint = fingerprint
+        self.started = time.perf_counter()
+        self.seconds_before = 0.0  # of the runs this one resumes
+
+    def elapsed(self) -> float:
+        """Wall time of the training so far, earlier runs that this one resumes included."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def _seconds(self) -> dict[str, float]:
+        path = self.folder / "seconds.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def restore(self, model: keras.Model) -> int:
         """Load the latest readable state of this run into `model`; returns its epoch, or 0
@@ -464,7 +474,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
         for path in saved:
             try:
                 model.load_weights(path)
-                return int(path.name.split(".")[0].removeprefix("epoch-"))
+                epoch = int(path.name.split(".")[0].removeprefix("epoch-"))
+                self.seconds_before = self._seconds().get(str(epoch), 0.0)
+                return epoch
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 warnings.warn(
                     f"{path}: checkpoint unreadable ({exc.__class__.__name__}: {exc}); "
@@ -477,6 +489,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
         return 0
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        # the time first: a kill before the rename below leaves an entry never looked up
+        write_text(
+            self.folder / "seconds.json",
+            json.dumps({**self._seconds(), str(epoch + 1): round(self.elapsed(), 1)}),
+        )
         # Keras needs the ".weights.h5" ending; same folder, so the rename is atomic
         partial = self.folder / ".partial.weights.h5"
         self.model.save_weights(partial, overwrite=True)

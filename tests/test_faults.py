@@ -82,8 +82,13 @@ def test_killed_training_resumes_and_ends_as_an_uninterrupted_run(repo: Path) ->
     killed_at = train_killed_mid_way(repo, at_epoch=4)
     assert 4 <= killed_at < 12
     assert not (repo / "models" / "model.keras").exists()  # DVC removed it before the rerun
+    seconds = json.loads((repo / "checkpoints" / "train" / "backup" / "seconds.json").read_text())
     rerun = run(repo, "dvc", "repro", "-f", "-s", "train")
     assert f"Resuming from epoch {killed_at} of 12" in rerun.stdout
+    # the stage's time counts the killed run's epochs too
+    killed_seconds = seconds[str(killed_at)]
+    assert killed_seconds > 0
+    assert json.loads((repo / "metrics" / "train.json").read_text())["seconds"] > killed_seconds
     assert not (repo / "checkpoints" / "train").exists()
     # the same model, metrics and curves as without the kill, every epoch exactly once
     for got, expected in zip(model_weights(repo / "models" / "model.keras"), reference):
