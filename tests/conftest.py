@@ -7,6 +7,7 @@ import fcntl
 import functools
 import shutil
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,19 +40,19 @@ def http_server() -> Iterator[Callable[..., str]]:
         server.server_close()
 
 
-@pytest.fixture(scope="session")
-def finished_repo(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
-    """One tiny repository, built once per test session and shared by the pytest-xdist
-    workers: every stage run by `dvc repro` and committed. Read it, without running DVC in it
-    (another worker may be copying it); to change anything or run DVC, take a `repo` copy."""
+def shared_folder(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The temporary folder of the whole test run: xdist's workers have their own under it."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+def build_finished_repo(shared: Path) -> Path:
+    """Build the shared tiny repository under `shared` unless it is built; return it."""
     from tests.repos import commit_all, local_repo, run
 
-    # xdist's workers have their own temporary folders under one shared by the whole run
-    base = tmp_path_factory.getbasetemp()
-    shared = base if worker_id == "master" else base.parent
     root = shared / "finished"
     with open(shared / "finished.lock", "w") as lock:
-        # the first worker to get here builds it; the others wait for it here
+        # the first to get here builds it; the others wait for it here
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / "built").exists():
             shutil.rmtree(root, ignore_errors=True)  # a build that failed
@@ -61,6 +62,38 @@ def finished_repo(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> P
             commit_all(repo, "first run")
             (root / "built").touch()
     return root / "repo"
+
+
+NEEDS_FINISHED_REPO = pytest.StashKey[bool]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests on the shared tiny repository go last: while it is built, in the background
+    from the first test on, every worker runs tests that do not wait for it. Among them, the
+    modules with many (short) tests come last, so that the workers finish close together."""
+    needs = {item for item in items if "finished_repo" in getattr(item, "fixturenames", ())}
+    config.stash[NEEDS_FINISHED_REPO] = bool(needs)
+    per_module = Counter(item.path for item in needs)
+    # a stable sort: tests keep their order within a module
+    items.sort(key=lambda item: (item in needs, per_module[item.path] if item in needs else 0))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def build_finished_repo_in_background(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, worker_id: str
+) -> None:
+    if request.config.stash.get(NEEDS_FINISHED_REPO, False):
+        shared = shared_folder(tmp_path_factory, worker_id)
+        # a failure here shows when `finished_repo` builds it again, in the foreground
+        threading.Thread(target=build_finished_repo, args=(shared,), daemon=True).start()
+
+
+@pytest.fixture(scope="session")
+def finished_repo(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """One tiny repository, built once per test session and shared by the pytest-xdist
+    workers: every stage run by `dvc repro` and committed. Read it, without running DVC in it
+    (another worker may be copying it); to change anything or run DVC, take a `repo` copy."""
+    return build_finished_repo(shared_folder(tmp_path_factory, worker_id))
 
 
 @pytest.fixture

@@ -213,14 +213,15 @@ def test_same_params_same_results_other_seed_other_results(repo: Path) -> None:
     }
     forced = run(repo, "dvc", "repro", "-f", "-s", "train")
     assert ran_stages(forced.stdout) == ["train"]
-    run(repo, "dvc", "repro")
+    run(repo, "dvc", "repro", "evaluate")  # not export: its metrics are not compared here
     for name, metrics in before.items():
         assert without_time(repo / "metrics" / f"{name}.json") == metrics, name
     assert curve_steps(repo) == [0, 1]  # a rerun starts its curves afresh
     set_params(repo, seed=7)
     # every stage that draws random numbers reads the seed (and what follows them reruns)
     status = yaml.safe_load(run(repo, "dvc", "status", "--json").stdout)
-    assert sorted(status) == ["augment", "check_params", "finetune", "preprocess", "train"]
+    reading_seed = [stage for stage, changes in status.items() if "'seed'" in str(changes)]
+    assert sorted(reading_seed) == ["augment", "check_params", "finetune", "preprocess", "train"]
     assert ran_stages(run(repo, "dvc", "repro", "train").stdout) == [
         "preprocess",
         "augment",
