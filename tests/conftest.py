@@ -67,6 +67,7 @@ def build_finished_repo(shared: Path) -> Path:
 NEEDS_FINISHED_REPO = pytest.StashKey[bool]()
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected tests
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The tests on the shared tiny repository go last: while it is built, in the background
     from the first test on, every worker runs tests that do not wait for it. Among them, the
@@ -81,11 +82,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session", autouse=True)
 def build_finished_repo_in_background(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, worker_id: str
-) -> None:
-    if request.config.stash.get(NEEDS_FINISHED_REPO, False):
-        shared = shared_folder(tmp_path_factory, worker_id)
-        # a failure here shows when `finished_repo` builds it again, in the foreground
-        threading.Thread(target=build_finished_repo, args=(shared,), daemon=True).start()
+) -> Iterator[None]:
+    if not request.config.stash.get(NEEDS_FINISHED_REPO, False):
+        yield
+        return
+    shared = shared_folder(tmp_path_factory, worker_id)
+    # a failure here shows when `finished_repo` builds it again, in the foreground
+    build = threading.Thread(target=build_finished_repo, args=(shared,), daemon=True)
+    build.start()
+    yield
+    build.join()  # a session that ended early (-x) leaves no DVC command running
 
 
 @pytest.fixture(scope="session")
