@@ -39,6 +39,11 @@ def predict(
     return probabilities
 
 
+def accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """The share of correct predictions, rounded as every figure of metrics/eval.json."""
+    return round(float(accuracy_score(labels, predicted)), 4)
+
+
 def summarize(labels: np.ndarray, predicted: np.ndarray, class_names: list[str]) -> dict:
     """Accuracy and macro precision, recall, F1, plus the same per class, rounded for diffs."""
     classes = np.arange(len(class_names))
@@ -49,7 +54,7 @@ def summarize(labels: np.ndarray, predicted: np.ndarray, class_names: list[str])
         labels, predicted, labels=classes, average="macro", zero_division=0
     )
     return {
-        "accuracy": round(float(accuracy_score(labels, predicted)), 4),
+        "accuracy": accuracy(labels, predicted),
         "precision": round(float(macro[0]), 4),
         "recall": round(float(macro[1]), 4),
         "f1": round(float(macro[2]), 4),

@@ -1,10 +1,19 @@
-"""Test-time augmentation: which views of a test image are averaged, and with what weights."""
+"""Test-time augmentation: which views of a test image are averaged, and with what weights;
+and the validation accuracy that the evaluate stage reports beside the test figures."""
+
+import json
+from pathlib import Path
 
 import keras
 import numpy as np
 
 from imageclf.augment import shift
+from imageclf.datasets import load_split
 from imageclf.evaluation import predict
+from imageclf.models import load_model
+from imageclf.params import load_params
+from tests import synthetic
+from tests.repos import run
 
 
 def column_model(width: int) -> keras.Model:
@@ -69,3 +78,21 @@ def test_a_model_trained_without_mirrors_gets_no_mirror_views() -> None:
         plain / 2 + (shifted[0] + shifted[1]) / 4,
         atol=1e-6,
     )
+
+
+def test_evaluate_scores_the_validation_split_as_it_scores_the_test_split(repo: Path) -> None:
+    # `repo`'s model gets both splits right; with the validation labels moved one class on,
+    # eval.json's val_accuracy must fall near 0, to what the same TTA gives, and test stay
+    val_path = repo / "data" / "prepared" / "val.npz"
+    val = load_split(val_path.parent, "val")
+    wrong_labels = (val.labels + 1) % len(synthetic.CLASSES)
+    val_path.unlink()  # a DVC output: replaced, never written through to the cache
+    np.savez(val_path, images=val.images, labels=wrong_labels)
+    run(repo, "python", "-m", "stages.evaluate")
+
+    metrics = json.loads((repo / "metrics" / "eval.json").read_text())
+    model = load_model(repo / "models" / "finetuned.keras")
+    tta = load_params(repo / "params.yaml").evaluate.tta
+    predicted = predict(model, val.images, batch_size=64, tta=tta).argmax(axis=1)
+    assert metrics["val_accuracy"] == round(float(np.mean(predicted == wrong_labels)), 4)
+    assert metrics["val_accuracy"] < 0.5 < metrics["accuracy"]
