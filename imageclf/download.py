@@ -132,6 +132,8 @@ def _archive_format(archive: Path, source: str) -> str:
         return "zip"
     if head.startswith(COMPRESSED_TAR_MAGIC) or head[TAR_MAGIC_OFFSET:] == b"ustar":
         return "tar"
+    if tarfile.is_tarfile(archive):  # Unix V7 tar, from old tools: no "ustar", a valid header
+        return "tar"
     text = head.lstrip().lower()
     if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
         # what sharing sites answer a link that is not the file's own: a login or download page

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import subprocess
 import tarfile
 import zipfile
 from http.server import BaseHTTPRequestHandler
@@ -78,6 +79,18 @@ def test_format_is_read_from_the_content_not_the_name(tmp_path: Path, served) ->
     fetch_dataset(f"{url}/ds.dat", tmp_path / "c")
     expected = {k: v.decode() for k, v in GOOD.items()}
     assert tree(tmp_path / "a") == tree(tmp_path / "b") == tree(tmp_path / "c") == expected
+
+
+def test_an_old_tar_without_the_ustar_magic_is_extracted(tmp_path: Path) -> None:
+    """Unix V7 tar, as old tools write it (GNU tar --format=v7): no "ustar" in its headers."""
+    dataset_folder(tmp_path / "ds")
+    archive = tmp_path / "old.tar"
+    subprocess.run(
+        ["tar", "--format=v7", "-cf", str(archive), "-C", str(tmp_path), "ds"], check=True
+    )
+    assert b"ustar" not in archive.read_bytes()
+    fetch_dataset(str(archive), tmp_path / "raw")
+    assert tree(tmp_path / "raw") == {k: v.decode() for k, v in GOOD.items()}
 
 
 @pytest.mark.parametrize(
